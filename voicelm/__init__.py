@@ -1,3 +1,22 @@
 """voicelm: end-to-end spoken dialogue models in the style of GLM-4-Voice."""
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+# The pipeline directory the demo, server and chat load when given none: trained by the CPU
+# demo recipe and shipped with the repository.
+DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "models" / "demo"
+
+
+def __getattr__(name):
+    # Imported on first use so `import voicelm` (and `voicelm --help`) stays light.
+    if name in ("load_pipeline", "Pipeline"):
+        from voicelm import pipeline
+
+        return getattr(pipeline, name)
+    if name == "Session":
+        from voicelm.session import Session
+
+        return Session
+    raise AttributeError(f"module 'voicelm' has no attribute {name!r}")

@@ -76,5 +76,8 @@ class Solver(abc.ABC):
         single-optimizer solvers; a GAN overrides it to alternate its two optimizers.
         """
         metrics = self.compute_loss(model, batch)
+        if not isinstance(metrics, Mapping) or "loss" not in metrics:
+            got = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
+            raise ValueError(f"{type(self).__name__}.compute_loss must return a dict with a 'loss' entry, got {got}")
         backward_and_step(metrics["loss"], "main")
         return metrics

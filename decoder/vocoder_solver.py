@@ -1,0 +1,290 @@
+"""`solver=vocoder`: GAN training of the HiFT vocoder on a manifest's audio.
+
+Data: random segments of `segment_frames` mel frames (x 256 samples) of every utterance,
+resampled to 22,050 Hz, with their mel (`decoder.mel`) and an F0 target (`decoder.f0`).
+One step alternates (HiFi-GAN recipe, LSGAN losses):
+  1. discriminator: multi-period + multi-resolution STFT, real vs generated (detached);
+  2. generator: adversarial + feature matching x 2 + mel L1 x 45 + F0 L1 (Hz) x f0_loss_weight.
+For the first `disc_start_step` steps only the generator trains, on mel + F0 losses: a quick
+start on a CPU, where the adversarial terms only pay off after the mel is roughly right.
+Export writes the generator alone as a `vocoder` part checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from decoder.discriminators import (
+    DiscriminatorConfig,
+    VocoderDiscriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+)
+from decoder.f0 import estimate_f0
+from decoder.hift import HiFTConfig, HiFTGenerator
+from decoder.mel import MelConfig, mel_spectrogram
+from voicelm.core.audio import DECODER_SAMPLE_RATE, load_audio
+from voicelm.core.checkpoint import config_from_dict
+from voicelm.core.manifest import iter_split, read_manifest
+from voicelm.core.solver import Solver
+
+
+@dataclasses.dataclass
+class LossWeights:
+    mel: float = 45.0
+    feature_matching: float = 2.0
+    adversarial: float = 1.0
+    f0: float = 0.02  # per Hz of L1 error: a 50 Hz error costs about one unit
+
+
+class VocoderGAN(nn.Module):
+    """Generator + discriminator in one module, so one `model(batch, mode=...)` call computes a
+    half-step's losses (and a DDP wrapper sees every parameter it has to synchronise)."""
+
+    def __init__(self, generator: HiFTGenerator, discriminator: VocoderDiscriminator, weights: LossWeights):
+        super().__init__()
+        self.generator = generator
+        self.discriminator = discriminator
+        self.weights = weights
+        self.mel_config = MelConfig()
+
+    def reconstruction_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.generator.forward_full(batch["mel"])
+        mel_fake = mel_spectrogram(out.wav, self.mel_config)  # (B, 80, F)
+        mel_l1 = F.l1_loss(mel_fake, batch["mel"])
+        f0_l1 = F.l1_loss(out.f0, batch["f0"])
+        return {"wav": out.wav, "mel_l1": mel_l1, "f0_l1": f0_l1}
+
+    def forward(self, batch: Mapping[str, torch.Tensor], mode: str = "generator", adversarial: bool = True) -> dict[str, torch.Tensor]:
+        real = batch["wav"]
+        if mode == "discriminator":
+            with torch.no_grad():
+                fake = self.generator(batch["mel"])
+            real_logits, _ = self.discriminator(real)
+            fake_logits, _ = self.discriminator(fake.detach())
+            loss = discriminator_loss(real_logits, fake_logits)
+            return {"loss": loss, "d_loss": loss.detach()}
+        if mode != "generator":
+            raise ValueError(f"mode must be 'generator' or 'discriminator', got {mode!r}")
+        recon = self.reconstruction_losses(batch)
+        w = self.weights
+        loss = w.mel * recon["mel_l1"] + w.f0 * recon["f0_l1"]
+        metrics = {"mel_l1": recon["mel_l1"].detach(), "f0_l1": recon["f0_l1"].detach()}
+        if adversarial:
+            _, real_features = self.discriminator(real)
+            fake_logits, fake_features = self.discriminator(recon["wav"])
+            adv = generator_adversarial_loss(fake_logits)
+            fm = feature_matching_loss(real_features, fake_features)
+            loss = loss + w.adversarial * adv + w.feature_matching * fm
+            metrics.update(g_adv=adv.detach(), feature_matching=fm.detach())
+        return {"loss": loss, "g_loss": loss.detach(), **metrics}
+
+
+# --- data ----------------------------------------------------------------------------------
+
+class SegmentDataset(Dataset):
+    """Utterances held in memory at 22,050 Hz with their F0; item i = one segment of utterance i.
+
+    Training crops start at a random multiple of the hop, drawn from (seed, epoch, index) so a
+    resumed run sees the same crops; validation crops are fixed (the start of each utterance).
+    """
+
+    def __init__(self, paths: list[Path], segment_frames: int, *, random_crop: bool, seed: int = 0):
+        if not paths:
+            raise ValueError("no audio to train the vocoder on: the manifest (or split) is empty")
+        self.hop = MelConfig().hop_length
+        self.segment_frames = segment_frames
+        self.random_crop = random_crop
+        self.seed = seed
+        self.epoch = 0
+        self.wavs: list[torch.Tensor] = []
+        self.f0s: list[torch.Tensor] = []
+        for path in paths:
+            wav = load_audio(path, DECODER_SAMPLE_RATE, max_seconds=None)
+            frames = max(wav.shape[-1] // self.hop, 1)
+            wav = F.pad(wav, (0, frames * self.hop - wav.shape[-1]))  # whole frames only
+            self.wavs.append(wav)
+            self.f0s.append(estimate_f0(wav))  # (frames,)
+
+    def __len__(self) -> int:
+        return len(self.wavs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        wav, f0 = self.wavs[index], self.f0s[index]
+        frames = wav.shape[-1] // self.hop
+        spare = frames - self.segment_frames
+        start = 0
+        if spare > 0 and self.random_crop:
+            start = int(np.random.default_rng([self.seed, self.epoch, index]).integers(0, spare + 1))
+        segment = wav[start * self.hop:(start + self.segment_frames) * self.hop]
+        segment_f0 = f0[start:start + self.segment_frames]
+        if spare < 0:  # a short utterance: pad with silence (unvoiced)
+            segment = F.pad(segment, (0, self.segment_frames * self.hop - segment.shape[-1]))
+            segment_f0 = F.pad(segment_f0, (0, self.segment_frames - segment_f0.shape[-1]))
+        return {"wav": segment, "mel": mel_spectrogram(segment), "f0": segment_f0}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with (seed, epoch) and tells the dataset the epoch (for its crops)."""
+
+    def __init__(self, dataset: SegmentDataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+# --- the solver ----------------------------------------------------------------------------
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _get(node: Any, key: str, default: Any = None) -> Any:
+    if node is None:
+        return default
+    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+    return default if value is None else value
+
+
+class VocoderSolver(Solver):
+    """GAN training of HiFT; see the module docstring. Settings: conf/solver/vocoder.yaml."""
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        solver = cfg.solver if hasattr(cfg, "solver") else cfg["solver"]
+        self.settings = solver
+        vocoder_preset = _container(_get(cfg, "vocoder"))
+        if not vocoder_preset:
+            raise ValueError("the config has no `vocoder` preset: add vocoder=tiny|demo|glm4voice")
+        self.generator_config = config_from_dict(HiFTConfig, vocoder_preset, where="cfg.vocoder")
+        self.discriminator_config = config_from_dict(
+            DiscriminatorConfig, _container(_get(solver, "discriminator", {})), where="cfg.solver.discriminator"
+        )
+        self.weights = LossWeights(
+            mel=float(_get(solver, "mel_loss_weight", 45.0)),
+            feature_matching=float(_get(solver, "feature_matching_weight", 2.0)),
+            adversarial=float(_get(solver, "adversarial_weight", 1.0)),
+            f0=float(_get(solver, "f0_loss_weight", 0.02)),
+        )
+        self.segment_frames = int(_get(solver, "segment_frames", 32))
+        if self.segment_frames < 4:
+            raise ValueError(f"solver.segment_frames must be >= 4 mel frames, got {self.segment_frames}")
+        self.batch_size = int(_get(solver, "batch_size", 8))
+        self.disc_start_step = int(_get(solver, "disc_start_step", 0))
+        self.seed = int(_get(cfg, "seed", 0))
+        self.step = 0  # train steps taken by this solver object (the harness restores its own)
+
+    # --- Solver interface ---------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        if self.generator_config.sampling_rate != DECODER_SAMPLE_RATE or self.generator_config.hop_length != MelConfig().hop_length:
+            raise ValueError(
+                f"the vocoder must run at {DECODER_SAMPLE_RATE} Hz with hop {MelConfig().hop_length} to match "
+                f"decoder.mel; the preset gives {self.generator_config.sampling_rate} Hz, hop {self.generator_config.hop_length}"
+            )
+        return VocoderGAN(HiFTGenerator(self.generator_config), VocoderDiscriminator(self.discriminator_config), self.weights)
+
+    def _paths(self, manifest: Any, split: str | None) -> list[Path]:
+        return [u.audio_path for u in iter_split(read_manifest(manifest), split)]
+
+    def build_dataloaders(self) -> tuple[Iterable, Iterable | None]:
+        train_manifest = _get(self.settings, "train_manifest")
+        if train_manifest is None:
+            raise ValueError("solver.train_manifest is required: a JSONL manifest of the voice to train on "
+                             "(make one with `voicelm data synth`)")
+        # Rows without a `split` field count as train (voicelm.core.manifest.iter_split).
+        train_paths = self._paths(train_manifest, _get(self.settings, "train_split", "train"))
+        train = SegmentDataset(train_paths, self.segment_frames, random_crop=True, seed=self.seed)
+        workers = int(_get(self.settings, "num_workers", 0))
+        train_loader = DataLoader(train, batch_size=self.batch_size, sampler=EpochShuffleSampler(train, self.seed),
+                                  num_workers=workers, drop_last=len(train) >= self.batch_size)
+        valid_manifest = _get(self.settings, "valid_manifest")
+        if valid_manifest is not None:
+            valid_paths = self._paths(valid_manifest, _get(self.settings, "valid_split"))
+        else:
+            valid_paths = self._paths(train_manifest, _get(self.settings, "valid_split", "valid"))
+        valid_paths = valid_paths[: int(_get(self.settings, "valid_limit", 16))]
+        if not valid_paths:
+            return train_loader, None
+        valid_frames = int(_get(self.settings, "valid_segment_frames", 4 * self.segment_frames))
+        valid = SegmentDataset(valid_paths, valid_frames, random_crop=False)
+        return train_loader, DataLoader(valid, batch_size=self.batch_size, shuffle=False)
+
+    def optimizer_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        gan = _unwrap(model)
+        return {"generator": list(gan.generator.parameters()), "discriminator": list(gan.discriminator.parameters())}
+
+    def compute_loss(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
+        """Reconstruction metrics only (used for validation): mel L1 and F0 L1."""
+        recon = _unwrap(model).reconstruction_losses(batch)
+        return {"loss": recon["mel_l1"], "mel_l1": recon["mel_l1"], "f0_l1": recon["f0_l1"]}
+
+    def evaluate(self, model: nn.Module, valid: Iterable | None) -> dict[str, float]:
+        gan = _unwrap(model)
+        was_training = gan.training
+        gan.eval()  # deterministic excitation: comparable numbers from one evaluation to the next
+        try:
+            return super().evaluate(model, valid)
+        finally:
+            gan.train(was_training)
+
+    def train_step(self, model: nn.Module, batch: Any, optimizers: Mapping[str, torch.optim.Optimizer],
+                   backward_and_step) -> Mapping[str, torch.Tensor]:
+        gan = _unwrap(model)
+        wrapped = model is not gan  # under DDP every parameter must keep requires_grad
+        adversarial = self.step >= self.disc_start_step
+        metrics: dict[str, torch.Tensor] = {}
+        if adversarial:
+            _clear_grads(gan.discriminator)
+            d_out = model(batch, mode="discriminator")
+            backward_and_step(d_out["loss"], "discriminator")
+            metrics["d_loss"] = d_out["d_loss"]
+        _clear_grads(gan.generator)
+        if not wrapped:
+            gan.discriminator.requires_grad_(False)  # the generator step needs no D gradients
+        try:
+            g_out = model(batch, mode="generator", adversarial=adversarial)
+            backward_and_step(g_out["loss"], "generator")
+        finally:
+            if not wrapped:
+                gan.discriminator.requires_grad_(True)
+        _clear_grads(gan.discriminator)
+        self.step += 1
+        metrics.update({k: v for k, v in g_out.items() if k != "loss"})
+        metrics["loss"] = g_out["loss"].detach()
+        return metrics
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        _unwrap(model).generator.save_pretrained(out_dir)
+
+
+def _unwrap(model: nn.Module) -> VocoderGAN:
+    inner = getattr(model, "module", model)  # a DDP wrapper keeps the model in .module
+    if not isinstance(inner, VocoderGAN):
+        raise TypeError(f"VocoderSolver expects the model it built (VocoderGAN), got {type(inner).__name__}")
+    return inner
+
+
+def _clear_grads(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.grad = None

@@ -1,0 +1,161 @@
+"""Dialogue manifests -> interleaved samples, and training: a tiny model overfits a small set."""
+
+import json
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from voicelm.lm import VoiceLM, Vocabulary, render_ids
+from voicelm.lm.data import (IGNORE_INDEX, DataOptions, Dialogue, DialogueManifestError, DialogueTurn, SampleBuilder,
+                             collate, read_dialogues, write_dialogues)
+from voicelm.lm.prompt import SYSTEM_ASR, SYSTEM_TTS
+from voicelm.lm.solver import LMSolver
+
+ANSWERS = ["seven plus five is twelve.", "two plus two is four.", "c, a, t.",
+           "one, two, three, four, five, six, seven, eight, nine, ten."]
+
+
+def _dialogues(speech_vocab=64, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i, answer in enumerate(ANSWERS):
+        user = DialogueTurn("user", f"question {i}", f"wavs/{i}_u.wav", [rng.randrange(speech_vocab) for _ in range(10)])
+        assistant = DialogueTurn("assistant", answer, f"wavs/{i}_a.wav",
+                                 [rng.randrange(speech_vocab) for _ in range(30 + 12 * i)])
+        out.append(Dialogue(f"d{i}", [user, assistant], split="train"))
+    # a two-exchange dialogue whose follow-up refers to the first answer
+    follow = DialogueTurn("user", "and plus two?", None, [rng.randrange(speech_vocab) for _ in range(8)])
+    reply = DialogueTurn("assistant", "seven plus seven is fourteen.", None, [rng.randrange(speech_vocab) for _ in range(40)])
+    out.append(Dialogue("d9", out[0].turns + [follow, reply], split="train"))
+    return out
+
+
+def test_manifest_round_trip_and_errors(tmp_path):
+    path = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    back = read_dialogues(path)
+    assert [d.to_json() for d in back] == [d.to_json() for d in _dialogues()]
+    assert read_dialogues(path, split="valid") == []
+    bad = {"id": "x", "turns": [{"role": "assistant", "text": "hi", "tokens": None}]}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(DialogueManifestError, match=r"bad.jsonl:1: turn 0 must have role 'user'"):
+        read_dialogues(tmp_path / "bad.jsonl")
+    (tmp_path / "bad2.jsonl").write_text('{"id": "x", "turns": [{"role": "user", "text": "a", "tokens": [1, -2]}]}\n')
+    with pytest.raises(DialogueManifestError, match="non-negative ints"):
+        read_dialogues(tmp_path / "bad2.jsonl")
+
+
+def test_dialogue_sample_layout_and_loss_mask(tokenizer):
+    v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
+    builder = SampleBuilder(v, tokenizer, DataOptions(max_length=512))
+    dialogues = _dialogues()
+    samples = builder.build(dialogues)
+    assert {k: len(s) for k, s in samples.items()} == {"dialogue": 5, "asr": 12, "tts": 6}
+    long_answer = samples["dialogue"][3]
+    trained = [i for i, l in zip(long_answer.input_ids, long_answer.labels) if l != IGNORE_INDEX]
+    assert all(l == i for i, l in zip(long_answer.input_ids, long_answer.labels) if l != IGNORE_INDEX)
+    # the loss covers exactly the answer (13 text, 26 speech, rest of text, rest of speech) + <|user|>
+    n_text = len(tokenizer.encode(ANSWERS[3]))
+    assert 26 < n_text <= 39 and len(dialogues[3].turns[1].tokens) == 66
+    kinds = "".join("s" if v.is_speech(i) else "t" for i in trained[:-1])
+    assert kinds == ("t" * 13 + "s" * 26) * 2 + "t" * (n_text - 26) + "s" * (66 - 52)
+    assert trained[-1] == v.user_id
+    # multi-turn: the first answer's speech stays in the context and both answers are trained
+    multi = samples["dialogue"][4]
+    rendered = render_ids(v, tokenizer, multi.input_ids)
+    assert rendered.count("<|assistant|>streaming_transcription\n") == 2 and rendered.count("<|system|>") == 1
+    n_trained_speech = sum(1 for l in multi.labels if l != IGNORE_INDEX and v.is_speech(l))
+    assert n_trained_speech == 30 + 40
+    # one <|user|> between the turns: it ends the first answer (trained) and opens the next turn
+    assert "<|audio_" + str(dialogues[4].turns[1].tokens[-1]) + "|><|user|>\n<|begin_of_audio|>" in rendered
+    assert multi.labels.count(v.user_id) == 2 and multi.input_ids[-1] == v.user_id
+    # ASR / TTS samples use their own system prompts; TTS answers are speech only
+    asr, tts = samples["asr"][0], samples["tts"][0]
+    assert render_ids(v, tokenizer, asr.input_ids).startswith(f"<|system|>\n{SYSTEM_ASR}<|user|>\n<|begin_of_audio|>")
+    assert render_ids(v, tokenizer, tts.input_ids).startswith(f"<|system|>\n{SYSTEM_TTS}<|user|>\n")
+    assert all(v.is_speech(l) for l in tts.labels if l not in (IGNORE_INDEX, v.user_id))
+    batch = collate([asr, tts], v.pad_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert int(batch["attention_mask"].sum()) == len(asr) + len(tts)
+
+
+def test_too_long_and_too_short_are_counted_never_silent(tokenizer, caplog):
+    v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
+    dialogues = _dialogues()
+    full = SampleBuilder(v, tokenizer, DataOptions(max_length=4096, tasks=("dialogue",))).build(dialogues)["dialogue"]
+    limit = len(full[4]) - 1   # only the two-exchange dialogue d9 is too long
+    assert max(len(s) for s in full[:4]) <= limit
+    builder = SampleBuilder(v, tokenizer, DataOptions(max_length=limit, tasks=("dialogue",)))
+    samples = builder.build(dialogues)["dialogue"]
+    stats = builder.stats
+    assert stats.truncated_dialogues == 1 and stats.dropped_turns == 2     # d9 lost its first exchange
+    assert len(samples) == 5 and all(len(s) <= limit for s in samples)
+    assert "dropped its 1 oldest exchange" in caplog.text
+    # speech that cannot keep up with its text
+    short = Dialogue("s", [DialogueTurn("user", "q", None, [1, 2]), DialogueTurn("assistant", ANSWERS[3], None, [1] * 20)])
+    builder = SampleBuilder(v, tokenizer, DataOptions(tasks=("dialogue",)))
+    assert builder.build([short])["dialogue"] == [] and builder.stats.skipped_speech_shorter_than_text == 1
+    builder = SampleBuilder(v, tokenizer, DataOptions(max_length=20, tasks=("dialogue",)))
+    assert builder.build(dialogues[:1])["dialogue"] == [] and builder.stats.skipped_too_long == 1
+    with pytest.raises(DialogueManifestError, match="different codebook"):
+        SampleBuilder(Vocabulary.voicelm(tokenizer.vocab_size, 16), tokenizer).build(dialogues)
+
+
+def _cfg(manifest, **solver):
+    lm = OmegaConf.to_container(OmegaConf.load("conf/lm/tiny.yaml"))
+    lm.update(hidden_size=96, intermediate_size=192)
+    base = dict(name="lm", train_manifest=str(manifest), batch_size=8, mix={"dialogue": 1.0}, eval_generate=8,
+                text_input_ratio=0.0, seed=0)
+    base.update(solver)
+    return OmegaConf.create({"solver": base, "lm": lm})
+
+
+def test_tiny_model_overfits_and_greedy_generation_reproduces_the_answers(tmp_path):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    solver = LMSolver(_cfg(manifest))
+    model = solver.build_model()
+    train, _ = solver.build_dataloaders()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    torch.manual_seed(0)
+    for step in range(150):
+        for batch in train:
+            metrics = solver.compute_loss(model, batch)
+            opt.zero_grad()
+            metrics["loss"].backward()
+            opt.step()
+            break
+    model.eval()
+    with torch.no_grad():
+        final = solver.compute_loss(model, next(iter(train)))
+    assert float(final["loss"]) < 0.05, {k: float(v) for k, v in final.items()}
+    assert float(final["text_loss"]) < 0.05 and float(final["speech_loss"]) < 0.05
+    generated = solver.generation_metrics(model, solver.train_dialogues)
+    assert generated == {"answer_text_accuracy": 1.0, "speech_token_accuracy": 1.0}
+    # the exported part reloads and still answers the same
+    solver.export(model, tmp_path / "export")
+    lm = VoiceLM.from_pretrained(tmp_path / "export")
+    again = solver.generation_metrics(lm.model, solver.train_dialogues)
+    assert again == generated
+
+
+def test_through_the_harness_then_fine_tune_with_init_from(tmp_path):
+    from voicelm.train import compose_config, train
+
+    dialogues = _dialogues()
+    dialogues[1].split = "valid"
+    manifest = write_dialogues(tmp_path / "d.jsonl", dialogues)
+    common = ["solver=lm", "lm=tiny", f"solver.train_manifest={manifest}", "solver.steps=6", "solver.batch_size=4",
+              "solver.eval_every=null", "solver.checkpoint_every=null", "solver.log_every=3", "solver.eval_generate=1",
+              "solver.eval_max_new_tokens=20"]
+    result = train(compose_config([*common, f"run_dir={tmp_path / 'run'}"]))
+    assert {"loss", "text_loss", "speech_loss", "answer_text_accuracy"} <= set(result.valid_metrics)
+    lm = VoiceLM.from_pretrained(result.export_dir)
+    assert lm.config.text_vocab_size == lm.text_tokenizer.vocab_size
+    tuned = train(compose_config([*common, f"run_dir={tmp_path / 'tune'}", f"solver.init_from={result.export_dir}",
+                                  "lm.hidden_size=32"]))   # ignored: the checkpoint's geometry wins
+    lm2 = VoiceLM.from_pretrained(tuned.export_dir)
+    assert lm2.config == lm.config
+    assert lm2.text_tokenizer.to_str() == lm.text_tokenizer.to_str()
+    changed = [k for k, t in lm2.model.state_dict().items() if not torch.equal(t, lm.model.state_dict()[k])]
+    assert changed   # fine-tuning moved the weights

@@ -1,0 +1,1 @@
+"""Data generation: synthetic speech (`synth`) and, later, the spoken dialogue corpus."""

@@ -1,0 +1,198 @@
+"""The text of the demo recipe's dialogue domain: small, closed, and with real generalisation.
+
+Tasks: arithmetic on numbers 0-20 (plus, minus, times), counting a short range, spelling a
+short word, repeat-after-me, follow-ups that refer to the previous answer ("and plus two?") and
+style requests that change how the previous answer is spoken ("say it slowly").
+
+The held-out split holds *combinations* that never occur in training, each of which the
+training data makes learnable:
+- sums and products whose operands appear in training only in the other order (7+5 held out,
+  5+7 trained: commutativity);
+- differences, spellings, counts and follow-ups asked with a phrasing that training never pairs
+  with that particular question (the question is trained with other phrasings);
+- repeat-after-me phrases made of trained words in pairs that training never uses.
+Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from typing import Iterator
+
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+        "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+MAX_OPERAND = 20
+OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+
+ARITHMETIC_PHRASINGS = [
+    "what is {a} {op} {b}?",
+    "how much is {a} {op} {b}?",
+    "can you tell me what {a} {op} {b} is?",
+    "what do you get for {a} {op} {b}?",
+    "{a} {op} {b}?",
+]
+FOLLOW_UP_PHRASINGS = ["and {op} {c}?", "now {op} {c}?", "what about {op} {c}?"]
+COUNT_PHRASINGS = ["count from {a} to {b}.", "can you count from {a} to {b}?", "please count from {a} to {b}."]
+SPELL_PHRASINGS = ["how do you spell {w}?", "spell the word {w}.", "can you spell {w}?"]
+REPEAT_PHRASINGS = ["repeat after me: {p}.", "say this after me: {p}.", "please repeat: {p}."]
+STYLE_REQUESTS = {
+    "slow": ["say it slowly.", "can you say that slowly?", "again, but slower please."],
+    "fast": ["say it quickly.", "can you say that fast?", "again, but faster please."],
+}
+WORDS = ["cat", "dog", "sun", "red", "blue", "tree", "fish", "bird", "milk", "book", "door", "cake",
+         "rain", "snow", "star", "moon", "ship", "frog", "lamp", "hat", "cup", "box", "bed", "pen",
+         "egg", "bus", "map", "key", "ring", "sock", "boat", "cow", "pig", "hen", "bee", "owl"]
+ADJECTIVES = ["big", "small", "red", "blue", "green", "happy", "old", "new", "warm", "cold", "tall", "soft"]
+NOUNS = ["cat", "dog", "tree", "house", "car", "bird", "fish", "book", "cup", "hat", "boat", "star"]
+
+HELD_OUT_SHARE = 0.1  # of the combinations of each kind
+
+
+def number_words(n: int) -> str:
+    """0 <= n < 1000 in words, as the assistant voice says them ("one hundred twenty one")."""
+    if not 0 <= n < 1000:
+        raise ValueError(f"number out of range for the dialogue domain: {n}")
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return TENS[tens] + ("" if ones == 0 else " " + ONES[ones])
+    hundreds, rest = divmod(n, 100)
+    return ONES[hundreds] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """One user turn and the assistant's answer."""
+
+    user: str
+    assistant: str
+    task: str  # arithmetic | follow_up | count | spell | repeat | style
+    style: str = "normal"  # how the assistant's answer is spoken: normal | slow | fast
+    answer: str = ""  # the part of the answer a scorer checks (e.g. "twelve")
+    split: str = "train"  # "heldout" when this exchange is a combination training never has
+
+
+def _held_out(key: str, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < HELD_OUT_SHARE
+
+
+def _arith_answer(a: int, op: str, b: int) -> tuple[str, int]:
+    r = OPERATIONS[op](a, b)
+    return f"{number_words(a)} {op} {number_words(b)} is {number_words(r)}.", r
+
+
+def arithmetic_split(a: int, op: str, b: int, phrasing: int, seed: int) -> str:
+    """Which split the question (a op b, asked with phrasing number `phrasing`) belongs to."""
+    if op in ("plus", "times") and a != b:
+        lo, hi = min(a, b), max(a, b)
+        # One order of a commutative pair may be held out; its twin always trains.
+        return "heldout" if (a, b) == (hi, lo) and _held_out(f"{op}:{lo}:{hi}", seed) else "train"
+    # Otherwise hold out one phrasing of some questions; the others train.
+    chosen = int(hashlib.sha256(f"{seed}:{op}:{a}:{b}".encode()).digest()[4]) % len(ARITHMETIC_PHRASINGS)
+    return "heldout" if phrasing == chosen and _held_out(f"{op}:{a}:{b}", seed) else "train"
+
+
+def _phrasing_split(kind: str, key: str, phrasing: int, n_phrasings: int, seed: int) -> str:
+    chosen = int(hashlib.sha256(f"{seed}:{kind}:{key}".encode()).digest()[4]) % n_phrasings
+    return "heldout" if phrasing == chosen and _held_out(f"{kind}:{key}", seed) else "train"
+
+
+def _arithmetic(rng: random.Random) -> tuple[int, str, int]:
+    op = rng.choice(list(OPERATIONS))
+    a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
+    if op == "minus" and a < b:
+        a, b = b, a  # answers stay non-negative
+    return a, op, b
+
+
+def sample_dialogue(rng: random.Random, seed: int) -> tuple[list[Exchange], str]:
+    """One dialogue of 1-3 exchanges and its split ("train" or "heldout").
+
+    A dialogue is held out when any of its exchanges is a held-out combination.
+    """
+    splits: list[str] = []
+    exchanges: list[Exchange] = []
+    kind = rng.choices(["arithmetic", "count", "spell", "repeat"], weights=[5, 2, 2, 2])[0]
+    if kind == "arithmetic":
+        a, op, b = _arithmetic(rng)
+        p = rng.randrange(len(ARITHMETIC_PHRASINGS))
+        answer, result = _arith_answer(a, op, b)
+        user = ARITHMETIC_PHRASINGS[p].format(a=number_words(a), op=op, b=number_words(b))
+        exchanges.append(Exchange(user, answer, "arithmetic", answer=number_words(result)))
+        splits.append(arithmetic_split(a, op, b, p, seed))
+        # Follow-ups keep the running result small enough to say.
+        while rng.random() < 0.35 and len(exchanges) < 3:
+            op2 = rng.choice(["plus", "minus"] + (["times"] if result <= 20 else []))
+            c = rng.randint(1 if op2 != "times" else 2, 10 if op2 != "times" else 5)
+            if op2 == "minus" and c > result:
+                op2 = "plus"
+            if OPERATIONS[op2](result, c) >= 1000:
+                break
+            p2 = rng.randrange(len(FOLLOW_UP_PHRASINGS))
+            answer2, result2 = _arith_answer(result, op2, c)
+            user2 = FOLLOW_UP_PHRASINGS[p2].format(op=op2, c=number_words(c))
+            exchanges.append(Exchange(user2, answer2, "follow_up", answer=number_words(result2)))
+            splits.append(_phrasing_split("follow", f"{result}:{op2}:{c}", p2, len(FOLLOW_UP_PHRASINGS), seed))
+            result = result2
+    elif kind == "count":
+        a = rng.randint(0, MAX_OPERAND - 2)
+        b = min(MAX_OPERAND, a + rng.randint(2, 6))
+        p = rng.randrange(len(COUNT_PHRASINGS))
+        answer = ", ".join(number_words(n) for n in range(a, b + 1)) + "."
+        user = COUNT_PHRASINGS[p].format(a=number_words(a), b=number_words(b))
+        exchanges.append(Exchange(user, answer, "count", answer=answer.rstrip(".")))
+        splits.append(_phrasing_split("count", f"{a}:{b}", p, len(COUNT_PHRASINGS), seed))
+    elif kind == "spell":
+        w = rng.choice(WORDS)
+        p = rng.randrange(len(SPELL_PHRASINGS))
+        letters = ", ".join(w)
+        answer = f"{w} is spelled {letters}."
+        exchanges.append(Exchange(SPELL_PHRASINGS[p].format(w=w), answer, "spell", answer=letters))
+        splits.append(_phrasing_split("spell", w, p, len(SPELL_PHRASINGS), seed))
+    else:
+        adj, noun = rng.choice(ADJECTIVES), rng.choice(NOUNS)
+        phrase = f"the {adj} {noun}"
+        p = rng.randrange(len(REPEAT_PHRASINGS))
+        exchanges.append(Exchange(REPEAT_PHRASINGS[p].format(p=phrase), f"{phrase}.", "repeat", answer=phrase))
+        splits.append("heldout" if _held_out(f"repeat:{adj}:{noun}", seed) else "train")
+    exchanges = [dataclasses.replace(e, split=s) for e, s in zip(exchanges, splits)]
+    if rng.random() < 0.15 and len(exchanges) < 3:
+        style = rng.choice(list(STYLE_REQUESTS))
+        last = exchanges[-1]
+        request = rng.choice(STYLE_REQUESTS[style])
+        exchanges.append(Exchange(request, last.assistant, "style", style=style, answer=last.answer, split=last.split))
+    return exchanges, ("heldout" if "heldout" in splits else "train")
+
+
+def generate_dialogues(count: int, split: str, seed: int) -> Iterator[tuple[str, list[Exchange]]]:
+    """`count` dialogues of `split` ("train" or "heldout"), deterministic for `seed`.
+
+    Yields (dialogue_id, exchanges). Training dialogues may repeat a question (with other
+    voices at render time); held-out ones are distinct questions.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"dialogues:{seed}:{split}")
+    seen_heldout: set[tuple[str, ...]] = set()
+    produced = attempts = 0
+    while produced < count:
+        attempts += 1
+        if attempts > 200 * count + 10_000:
+            raise RuntimeError(f"could not find {count} distinct {split} dialogues; ask for fewer")
+        exchanges, which = sample_dialogue(rng, seed)
+        if which != split:
+            continue
+        if split == "heldout":
+            key = tuple(e.user for e in exchanges)
+            if key in seen_heldout:
+                continue
+            seen_heldout.add(key)
+        yield f"{split}-{seed}-{produced:06d}", exchanges
+        produced += 1

@@ -1,0 +1,358 @@
+"""Dialogue manifests -> interleaved LM training sequences.
+
+Dialogue manifest (JSONL, one dialogue per line; written by the corpus generator):
+
+    {"id": "d000017", "split": "train", "system": "...optional...",
+     "turns": [{"role": "user", "text": "what is seven plus five?", "audio": "wavs/d000017_0.wav",
+                "tokens": [812, 33, ...]},                       # speech codes, or null
+               {"role": "assistant", "text": "seven plus five is twelve.", "audio": "...", "tokens": [...]},
+               ...]}
+
+Turns alternate user, assistant, starting with the user. `tokens` are the speech tokenizer's
+codes (0..K-1) of the turn's audio; `audio` paths are kept for other stages and not read here.
+
+Samples built from one manifest (each an `LMSample`: ids + labels, -100 = no loss):
+- "dialogue": system, then every turn: the user as speech when it has tokens (as text otherwise,
+  or with probability `text_input_ratio`), the assistant as its interleaved answer (13 text, 26
+  speech, ..., rest of speech) + `<|user|>`. Loss on the answers and their stop token only.
+- "asr": system SYSTEM_ASR, user speech of any turn with tokens, answer = its text + stop.
+- "tts": system SYSTEM_TTS, user text of an assistant turn, answer = its speech + stop (the
+  assistant's voice only, so the model learns one voice).
+
+Too long for `max_length`: the oldest (user, assistant) pairs of a dialogue are dropped until
+it fits (counted as `truncated_dialogues` / `dropped_turns`); a sample whose last exchange alone
+does not fit is skipped (`skipped_too_long`). Answers whose speech is too short to stay behind
+their text are skipped (`skipped_speech_shorter_than_text`). Every count is in `BuildStats` and
+logged as a warning; nothing is cut silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from voicelm.core.checkpoint import atomic_write_file
+from voicelm.lm.prompt import (SYSTEM_ASR, SYSTEM_TTS, TEXT_TOKENS_PER_CYCLE, SPEECH_TOKENS_PER_CYCLE, PromptError,
+                               UserTurn, assistant_header, default_system, interleave, system_ids, user_ids)
+from voicelm.lm.text_tokenizer import TextTokenizer
+from voicelm.lm.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TASKS = ("dialogue", "asr", "tts")
+
+
+class DialogueManifestError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class DialogueTurn:
+    role: str
+    text: str | None = None
+    audio: str | None = None
+    tokens: list[int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": self.role, "text": self.text, "audio": self.audio, "tokens": self.tokens}
+
+
+@dataclasses.dataclass
+class Dialogue:
+    id: str
+    turns: list[DialogueTurn]
+    split: str = "train"
+    system: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row = {"id": self.id, "split": self.split}
+        if self.system is not None:
+            row["system"] = self.system
+        row["turns"] = [t.to_json() for t in self.turns]
+        return {**row, **self.extra}
+
+
+def _parse_dialogue(row: Any, where: str) -> Dialogue:
+    if not isinstance(row, dict):
+        raise DialogueManifestError(f"{where}: a dialogue is a JSON object, got {type(row).__name__}")
+    for key in ("id", "turns"):
+        if key not in row:
+            raise DialogueManifestError(f"{where}: missing field {key!r}; a dialogue needs 'id' and 'turns'")
+    if not isinstance(row["turns"], list) or not row["turns"]:
+        raise DialogueManifestError(f"{where}: 'turns' must be a non-empty list")
+    turns = []
+    for i, t in enumerate(row["turns"]):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(t, dict) or t.get("role") != expected:
+            raise DialogueManifestError(f"{where}: turn {i} must have role {expected!r} (turns alternate user, "
+                                        f"assistant, starting with the user), got {t!r:.80}")
+        tokens = t.get("tokens")
+        if tokens is not None:
+            if not isinstance(tokens, list) or not all(isinstance(k, int) and k >= 0 for k in tokens):
+                raise DialogueManifestError(f"{where}: turn {i} 'tokens' must be a list of non-negative ints or null")
+        text = t.get("text")
+        if text is not None and not isinstance(text, str):
+            raise DialogueManifestError(f"{where}: turn {i} 'text' must be a string or null")
+        if text is None and tokens is None:
+            raise DialogueManifestError(f"{where}: turn {i} has neither text nor tokens")
+        turns.append(DialogueTurn(t["role"], text, t.get("audio"), tokens))
+    extra = {k: v for k, v in row.items() if k not in ("id", "split", "system", "turns")}
+    return Dialogue(str(row["id"]), turns, str(row.get("split", "train")), row.get("system"), extra)
+
+
+def read_dialogues(path: str | os.PathLike, split: str | None = None) -> list[Dialogue]:
+    """Dialogues of a manifest (only those of `split` when given)."""
+    path = Path(path)
+    if not path.exists():
+        raise DialogueManifestError(f"dialogue manifest not found: {path} (make one with `voicelm data dialogues`)")
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DialogueManifestError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+        dialogue = _parse_dialogue(row, f"{path}:{lineno}")
+        if split is None or dialogue.split == split:
+            out.append(dialogue)
+    return out
+
+
+def write_dialogues(path: str | os.PathLike, dialogues: Sequence[Dialogue]) -> Path:
+    lines = [json.dumps(d.to_json(), ensure_ascii=False) for d in dialogues]
+    return atomic_write_file(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + ("\n" if lines else "")))
+
+
+@dataclasses.dataclass
+class LMSample:
+    input_ids: list[int]
+    labels: list[int]          # same length; IGNORE_INDEX where no loss
+    task: str
+    source: str                # dialogue id (and turn) it came from
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclasses.dataclass
+class BuildStats:
+    samples: dict[str, int] = dataclasses.field(default_factory=lambda: {t: 0 for t in TASKS})
+    truncated_dialogues: int = 0
+    dropped_turns: int = 0
+    skipped_too_long: int = 0
+    skipped_speech_shorter_than_text: int = 0
+    skipped_no_assistant_speech: int = 0
+
+    def report(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    max_length: int = 1024
+    text_tokens: int = TEXT_TOKENS_PER_CYCLE
+    speech_tokens: int = SPEECH_TOKENS_PER_CYCLE
+    text_input_ratio: float = 0.0    # share of dialogues whose user turns are given as text
+    tasks: tuple[str, ...] = TASKS   # which sample kinds to build
+    seed: int = 0
+
+
+class SampleBuilder:
+    def __init__(self, vocab: Vocabulary, tokenizer: TextTokenizer, options: DataOptions = DataOptions()):
+        unknown = set(options.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown sample tasks {sorted(unknown)}; choose from {TASKS}")
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self.options = options
+        self.stats = BuildStats()
+        self._rng = random.Random(options.seed)
+
+    # --- pieces -------------------------------------------------------------------------------
+    def _answer(self, text_ids: list[int], speech: list[int]) -> list[int]:
+        return interleave(self.vocab, text_ids, speech, self.options.text_tokens, self.options.speech_tokens)
+
+    def _assemble(self, system: str | None, exchanges: list[tuple[list[int], list[int]]], task: str,
+                  source: str) -> LMSample:
+        """exchanges: (user part incl. assistant header, answer) pairs; the answer and its stop
+        token get the loss. The `<|user|>` that opens the next user turn is the stop token of the
+        answer before it (one token, as in a generated conversation); the last answer gets its own."""
+        ids = system_ids(self.vocab, self.tokenizer, system)
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, (user_part, answer) in enumerate(exchanges):
+            if user_part[0] != self.vocab.user_id:
+                raise AssertionError("a user part starts with <|user|>")
+            ids += user_part
+            labels += ([self.vocab.user_id] if k > 0 else [IGNORE_INDEX]) + [IGNORE_INDEX] * (len(user_part) - 1)
+            ids += answer
+            labels += answer
+        ids.append(self.vocab.user_id)
+        labels.append(self.vocab.user_id)
+        return LMSample(ids, labels, task, source)
+
+    def _fit(self, system: str | None, exchanges, task: str, source: str) -> LMSample | None:
+        sample = self._assemble(system, exchanges, task, source)
+        dropped = 0
+        while len(sample) > self.options.max_length and len(exchanges) > 1:
+            exchanges = exchanges[1:]
+            dropped += 1
+            sample = self._assemble(system, exchanges, task, source)
+        if len(sample) > self.options.max_length:
+            self.stats.skipped_too_long += 1
+            log.warning("%s sample %s: %d tokens even with one exchange > max_length %d; skipped",
+                        task, source, len(sample), self.options.max_length)
+            return None
+        if dropped:
+            self.stats.truncated_dialogues += 1
+            self.stats.dropped_turns += 2 * dropped
+            log.warning("dialogue %s: dropped its %d oldest exchange(s) to fit max_length %d",
+                        source, dropped, self.options.max_length)
+        self.stats.samples[task] += 1
+        return sample
+
+    # --- samples --------------------------------------------------------------------------------
+    def dialogue_sample(self, dialogue: Dialogue) -> LMSample | None:
+        as_text = self._rng.random() < self.options.text_input_ratio
+        exchanges = []
+        first_user_is_speech = None
+        for i in range(0, len(dialogue.turns) - 1, 2):
+            user, assistant = dialogue.turns[i], dialogue.turns[i + 1]
+            if assistant.tokens is None or assistant.text is None:
+                self.stats.skipped_no_assistant_speech += 1
+                log.warning("dialogue %s turn %d: assistant turn lacks text or speech tokens; dialogue skipped",
+                            dialogue.id, i + 1)
+                return None
+            use_speech = user.tokens is not None and (user.text is None or not as_text)
+            if first_user_is_speech is None:
+                first_user_is_speech = use_speech
+            turn = UserTurn(speech=user.tokens) if use_speech else UserTurn(text=user.text)
+            try:
+                user_part = user_ids(self.vocab, self.tokenizer, turn)
+                answer = self._answer(self.tokenizer.encode(assistant.text), assistant.tokens)
+            except PromptError as exc:
+                self.stats.skipped_speech_shorter_than_text += 1
+                log.warning("dialogue %s turn %d: %s; dialogue skipped", dialogue.id, i + 1, exc)
+                return None
+            exchanges.append((user_part + assistant_header(self.vocab, self.tokenizer), answer))
+        if not exchanges:
+            return None  # a lone user turn: nothing to learn
+        system = dialogue.system if dialogue.system is not None else default_system(bool(first_user_is_speech))
+        return self._fit(system, exchanges, "dialogue", dialogue.id)
+
+    def asr_samples(self, dialogue: Dialogue) -> list[LMSample]:
+        out = []
+        for i, turn in enumerate(dialogue.turns):
+            if turn.tokens is None or not turn.text:
+                continue
+            user_part = user_ids(self.vocab, self.tokenizer, UserTurn(speech=turn.tokens))
+            answer = self.tokenizer.encode(turn.text)
+            sample = self._fit(SYSTEM_ASR, [(user_part + assistant_header(self.vocab, self.tokenizer), answer)],
+                               "asr", f"{dialogue.id}:{i}")
+            if sample is not None:
+                out.append(sample)
+        return out
+
+    def tts_samples(self, dialogue: Dialogue) -> list[LMSample]:
+        out = []
+        for i, turn in enumerate(dialogue.turns):
+            if turn.role != "assistant" or turn.tokens is None or not turn.text:
+                continue
+            user_part = user_ids(self.vocab, self.tokenizer, UserTurn(text=turn.text))
+            answer = self.vocab.speech_ids(turn.tokens)
+            sample = self._fit(SYSTEM_TTS, [(user_part + assistant_header(self.vocab, self.tokenizer), answer)],
+                               "tts", f"{dialogue.id}:{i}")
+            if sample is not None:
+                out.append(sample)
+        return out
+
+    def build(self, dialogues: Sequence[Dialogue]) -> dict[str, list[LMSample]]:
+        """Samples per task; `self.stats` counts what was built, truncated and skipped."""
+        out: dict[str, list[LMSample]] = {t: [] for t in self.options.tasks}
+        for d in dialogues:
+            for turn in d.turns:
+                if turn.tokens is not None and any(k >= self.vocab.speech_vocab_size for k in turn.tokens):
+                    raise DialogueManifestError(
+                        f"dialogue {d.id}: speech token {max(turn.tokens)} >= the LM's speech vocabulary "
+                        f"({self.vocab.speech_vocab_size}); the manifest was tokenized with a different codebook")
+            if "dialogue" in out:
+                sample = self.dialogue_sample(d)
+                if sample is not None:
+                    out["dialogue"].append(sample)
+            if "asr" in out:
+                out["asr"] += self.asr_samples(d)
+            if "tts" in out:
+                out["tts"] += self.tts_samples(d)
+        skipped = (self.stats.skipped_too_long + self.stats.skipped_speech_shorter_than_text
+                   + self.stats.skipped_no_assistant_speech)
+        if skipped or self.stats.truncated_dialogues:
+            log.warning("LM data: %s", self.stats.report())
+        return out
+
+
+def collate(samples: Sequence[LMSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample: input_ids (B, T), attention_mask (B, T), labels (B, T)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(s) for s in samples)
+    ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, s in enumerate(samples):
+        ids[row, :len(s)] = torch.tensor(s.input_ids)
+        labels[row, :len(s)] = torch.tensor(s.labels)
+        mask[row, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class MixtureBatches:
+    """An endless-by-epochs stream of padded batches drawn from several tasks by weight.
+
+    Each batch draws every sample's task with probability proportional to `weights[task]`, then a
+    sample of that task uniformly. `batches_per_epoch` batches make one pass of the iterable (the
+    harness iterates it again). Under DDP each rank gets its own seed (`rank`).
+    """
+
+    def __init__(self, samples: Mapping[str, Sequence[LMSample]], weights: Mapping[str, float], batch_size: int,
+                 pad_id: int, batches_per_epoch: int, seed: int = 0, rank: int = 0):
+        self.tasks = [t for t in samples if samples[t] and float(weights.get(t, 0.0)) > 0]
+        if not self.tasks:
+            raise ValueError(f"no training samples for any task with a positive weight (weights {dict(weights)}, "
+                             f"sample counts { {t: len(s) for t, s in samples.items()} })")
+        self.samples = samples
+        self.weights = [float(weights[t]) for t in self.tasks]
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the harness before each epoch: the batches depend only on (seed, rank, epoch)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rng = random.Random(hash((self.seed, self.rank, self.epoch)))
+        self.epoch += 1
+        for _ in range(self.batches_per_epoch):
+            tasks = rng.choices(self.tasks, weights=self.weights, k=self.batch_size)
+            yield collate([rng.choice(self.samples[t]) for t in tasks], self.pad_id)
+
+
+def fixed_batches(samples: Sequence[LMSample], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Validation batches in order (length-sorted to waste little padding)."""
+    ordered = sorted(samples, key=len)
+    return [collate(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]

@@ -1,0 +1,218 @@
+"""Training stage `solver=lm`: the voice LM on interleaved dialogue sequences (+ ASR/TTS samples).
+
+Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `valid_split`),
+`text_tokenizer` (a file; none = train a BPE of `lm.text_vocab_size` on the training text),
+`init_from` (a voicelm checkpoint to fine-tune: its geometry, vocabulary and tokenizer win over
+`cfg.lm`), `mix` (task weights), `max_length`, `text_input_ratio`, `eval_generate`.
+
+Loss: next-token cross-entropy on the assistant answers and their stop token only; `text_loss`
+and `speech_loss` split it by the target's kind (text + stop tokens vs speech tokens).
+Validation adds greedy, layout-enforced generation on the first `eval_generate` validation
+dialogues: `answer_text_accuracy` (exact text of the last answer) and `speech_token_accuracy`
+(position-wise match of its speech codes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from voicelm.core.checkpoint import config_from_dict
+from voicelm.core.solver import Solver
+from voicelm.lm.data import (IGNORE_INDEX, TASKS, DataOptions, Dialogue, MixtureBatches, SampleBuilder, fixed_batches,
+                             read_dialogues)
+from voicelm.lm.generate import SamplingOptions, VoiceLMGen
+from voicelm.lm.model import VoiceLM, VoiceLMConfig, build_glm
+from voicelm.lm.prompt import (ASSISTANT_TAG, SYSTEM_ASR, SYSTEM_SPEECH_INPUT, SYSTEM_TEXT_INPUT, SYSTEM_TTS,
+                               AssistantTurn, UserTurn, build_prompt)
+from voicelm.lm.text_tokenizer import TextTokenizer, train_text_tokenizer
+
+log = logging.getLogger(__name__)
+
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _plain(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class LMSolver(Solver):
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.settings = _plain(cfg.solver)
+        required = [k for k in ("train_manifest",) if not self.settings.get(k)]
+        if required:
+            raise ValueError(f"solver=lm needs {required}: solver.train_manifest=<dialogues.jsonl> (the dialogue "
+                             f"manifest of docs/lm.md)")
+        self._prepared = False
+
+    # --- shared set-up (tokenizer and geometry are needed by both model and data) --------------
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        s = self.settings
+        dialogues = read_dialogues(s["train_manifest"])
+        valid_path = s.get("valid_manifest")
+        valid_split = s.get("valid_split", "valid")
+        if valid_path:
+            self.train_dialogues = [d for d in dialogues if d.split != valid_split] if valid_path == s["train_manifest"] else dialogues
+            self.valid_dialogues = read_dialogues(valid_path, split=valid_split if valid_path == s["train_manifest"] else None)
+        else:
+            self.train_dialogues = [d for d in dialogues if d.split != valid_split]
+            self.valid_dialogues = [d for d in dialogues if d.split == valid_split]
+        if not self.train_dialogues:
+            raise ValueError(f"{s['train_manifest']} has no training dialogues (all are split={valid_split!r})")
+
+        self.init_lm: VoiceLM | None = None
+        if s.get("init_from"):
+            self.init_lm = VoiceLM.from_pretrained(s["init_from"], dtype=torch.float32)
+            self.lm_config = self.init_lm.config
+            self.tokenizer = self.init_lm.text_tokenizer
+            log.info("fine-tuning from %s (its geometry and tokenizer replace cfg.lm)", s["init_from"])
+        else:
+            lm_values = _plain(self.cfg.lm)
+            if s.get("text_tokenizer"):
+                self.tokenizer = TextTokenizer.load(s["text_tokenizer"])
+            else:
+                texts = [t.text for d in self.train_dialogues for t in d.turns if t.text]
+                texts += [d.system for d in self.train_dialogues if d.system]
+                texts += [SYSTEM_SPEECH_INPUT, SYSTEM_TEXT_INPUT, SYSTEM_ASR, SYSTEM_TTS, ASSISTANT_TAG]
+                self.tokenizer = train_text_tokenizer(texts, int(lm_values.get("text_vocab_size", 1024)))
+            # The LM's text range is exactly the tokenizer's size (a BPE may stop short of the target).
+            lm_values["text_vocab_size"] = self.tokenizer.vocab_size
+            self.lm_config = config_from_dict(VoiceLMConfig, lm_values, where="cfg.lm")
+        self.vocab = self.lm_config.vocab
+        max_length = s.get("max_length") or self.lm_config.max_position_embeddings
+        if max_length > self.lm_config.max_position_embeddings:
+            raise ValueError(f"solver.max_length {max_length} exceeds the model's context "
+                             f"{self.lm_config.max_position_embeddings} (lm.max_position_embeddings)")
+        self.data_options = DataOptions(
+            max_length=int(max_length), text_tokens=int(s.get("text_tokens", 13)),
+            speech_tokens=int(s.get("speech_tokens", 26)), text_input_ratio=float(s.get("text_input_ratio", 0.0)),
+            tasks=tuple(t for t in TASKS if float(_plain(s.get("mix")).get(t, 1.0 if t == "dialogue" else 0.0)) > 0),
+            seed=int(s.get("seed", 0)))
+        self._prepared = True
+
+    # --- Solver interface -------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        self._prepare()
+        if self.init_lm is not None:
+            model = self.init_lm.model
+        else:
+            model = build_glm(self.lm_config, seed=int(self.settings.get("seed", 0)))
+        return model.train()
+
+    def build_dataloaders(self) -> tuple[Iterable, Iterable | None]:
+        self._prepare()
+        s = self.settings
+        builder = SampleBuilder(self.vocab, self.tokenizer, self.data_options)
+        samples = builder.build(self.train_dialogues)
+        self.train_stats = builder.stats
+        log.info("LM training samples: %s", builder.stats.report())
+        batch_size = int(s.get("batch_size", 16))
+        weights = _plain(s.get("mix")) or {"dialogue": 1.0}
+        total = sum(len(v) for v in samples.values())
+        per_epoch = int(s.get("batches_per_epoch") or max(1, math.ceil(total / batch_size)))
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        train = MixtureBatches(samples, weights, batch_size, self.vocab.pad_id, per_epoch,
+                               seed=int(s.get("seed", 0)), rank=rank)
+        valid = None
+        if self.valid_dialogues:
+            valid_builder = SampleBuilder(self.vocab, self.tokenizer,
+                                          DataOptions(**{**self.data_options.__dict__, "tasks": ("dialogue",),
+                                                         "text_input_ratio": 0.0}))
+            valid_samples = valid_builder.build(self.valid_dialogues)["dialogue"]
+            if valid_samples:
+                valid = fixed_batches(valid_samples, batch_size, self.vocab.pad_id)
+        return train, valid
+
+    def compute_loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(model.parameters()).device
+        ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device))
+        logits = out.logits[:, :-1].float()          # (B, T-1, V): position t predicts t+1
+        target = labels[:, 1:]                       # (B, T-1)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="none").view_as(target)
+        has_loss = target != IGNORE_INDEX
+        is_speech = has_loss & (target >= self.vocab.speech_offset)
+        is_text = has_loss & ~is_speech
+
+        def mean_over(mask: torch.Tensor) -> torch.Tensor:
+            return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+        loss = mean_over(has_loss)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target) & has_loss
+            accuracy = correct.sum() / has_loss.sum().clamp(min=1)
+        return {"loss": loss, "text_loss": mean_over(is_text).detach(), "speech_loss": mean_over(is_speech).detach(),
+                "token_accuracy": accuracy}
+
+    def evaluate(self, model: nn.Module, valid: Iterable | None) -> dict[str, float]:
+        metrics = super().evaluate(model, valid)
+        n = int(self.settings.get("eval_generate", 0) or 0)
+        if n > 0 and self.valid_dialogues:
+            metrics.update(self.generation_metrics(_unwrap(model), self.valid_dialogues[:n]))
+        return metrics
+
+    def generation_metrics(self, model: nn.Module, dialogues: list[Dialogue]) -> dict[str, float]:
+        """Greedy enforced generation of each dialogue's last answer, given the gold history."""
+        was_training = model.training
+        model.eval()
+        lm = VoiceLM(self.lm_config, model, self.tokenizer)
+        text_hits, speech_hits, speech_total, count = 0, 0, 0, 0
+        options = SamplingOptions(temperature=0.0, max_new_tokens=int(self.settings.get("eval_max_new_tokens", 512)),
+                                  text_tokens=self.data_options.text_tokens, speech_tokens=self.data_options.speech_tokens)
+        try:
+            for d in dialogues:
+                turns = d.turns if len(d.turns) % 2 == 0 else d.turns[:-1]
+                if not turns or turns[-1].tokens is None:
+                    continue
+                history: list = []
+                for user, assistant in zip(turns[0:-2:2], turns[1:-2:2]):
+                    history.append(UserTurn(speech=user.tokens) if user.tokens is not None else UserTurn(text=user.text))
+                    history.append(AssistantTurn.from_parts(self.vocab, self.tokenizer.encode(assistant.text),
+                                                            assistant.tokens, options.text_tokens, options.speech_tokens))
+                user, answer = turns[-2], turns[-1]
+                prompt = build_prompt(self.vocab, self.tokenizer, history,
+                                      user_text=None if user.tokens is not None else user.text,
+                                      user_speech=user.tokens, system=d.system if d.system is not None else "auto")
+                if len(prompt) >= lm.max_context:
+                    continue
+                gen = VoiceLMGen(lm, prompt, options)
+                gen.run()
+                text_hits += int(gen.text().strip() == answer.text.strip())
+                produced = gen.speech_indices
+                speech_hits += sum(int(a == b) for a, b in zip(produced, answer.tokens))
+                speech_total += len(answer.tokens)
+                count += 1
+        finally:
+            model.train(was_training)
+        if count == 0:
+            return {}
+        return {"answer_text_accuracy": text_hits / count, "speech_token_accuracy": speech_hits / max(speech_total, 1)}
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        """FSDP shards each decoder layer on its own (one layer's full weights at a time)."""
+        return list(model.model.layers)
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        self._prepare()
+        dtype = EXPORT_DTYPES[str(self.settings.get("export_dtype", "float32"))]
+        VoiceLM(self.lm_config, _unwrap(model), self.tokenizer).save_pretrained(out_dir, dtype=dtype)
