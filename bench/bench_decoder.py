@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=30, help="chunks in the answer")
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
     args = parser.parse_args()
+    if args.chunks < 4:
+        parser.error("--chunks must be at least 4 (chunk 3 is compared with the last)")
 
     torch.manual_seed(0)
     flow_config = config_from_dict(FlowConfig, load_preset("decoder", args.preset))
@@ -117,8 +119,8 @@ def main() -> None:
         print(f"\nreal-time factor for {audio_seconds:.1f} s of speech (compute / audio, lower is faster)")
         print(f"offline   {off / audio_seconds:.3f}")
         print(f"streaming {st / audio_seconds:.3f}  (streaming / offline = {st / off:.2f}x)")
-        print(f"first chunk (10 tokens -> {frames_for_tokens(10) - 24} mel frames held back 24) ready after "
-              f"{fst * 1e3:.0f} ms")
+        print(f"first chunk (after 10 tokens: {frames_for_tokens(10) - 24} of {frames_for_tokens(10)} mel frames, "
+              f"24 held back) ready after {fst * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

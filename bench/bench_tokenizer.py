@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import platform
 import subprocess
 import time
@@ -46,14 +47,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--presets", nargs="+", default=["demo", "glm4voice"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--piece", type=int, default=1280, help="streaming piece in samples")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     audio = (0.1 * torch.randn(int(args.seconds * 16000))).clamp(-1, 1)
-    print(f"CPU: {cpu_name()}; torch threads {args.threads}; audio {args.seconds:.0f} s; fp32; random weights")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); torch threads {args.threads}; load average {load}; "
+          f"audio {args.seconds:.0f} s; fp32; random weights; stream pieces {args.piece} samples")
     print(f"{'preset':<10} {'params':>8} {'offline xRT':>12} {'stream xRT':>11} {'stream/offline':>15} {'first tokens at':>16}")
     for name in args.presets:
         # "fixed" floor so that both modes run the same front end (glm4voice ships segment_max).

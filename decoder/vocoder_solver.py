@@ -193,7 +193,6 @@ class VocoderSolver(Solver):
         self.batch_size = int(_get(solver, "batch_size", 8))
         self.disc_start_step = int(_get(solver, "disc_start_step", 0))
         self.seed = int(_get(cfg, "seed", 0))
-        self.step = 0  # train steps taken by this solver object (the harness restores its own)
 
     # --- Solver interface ---------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -252,7 +251,9 @@ class VocoderSolver(Solver):
                    backward_and_step) -> Mapping[str, torch.Tensor]:
         gan = _unwrap(model)
         wrapped = model is not gan  # under DDP every parameter must keep requires_grad
-        adversarial = self.step >= self.disc_start_step
+        # Steps taken so far, read from the generator optimizer's state so that a resumed run
+        # (whose optimizer state the harness restores) knows where the GAN phase starts.
+        adversarial = _steps_taken(optimizers["generator"]) >= self.disc_start_step
         metrics: dict[str, torch.Tensor] = {}
         if adversarial:
             _clear_grads(gan.discriminator)
@@ -269,7 +270,6 @@ class VocoderSolver(Solver):
             if not wrapped:
                 gan.discriminator.requires_grad_(True)
         _clear_grads(gan.discriminator)
-        self.step += 1
         metrics.update({k: v for k, v in g_out.items() if k != "loss"})
         metrics["loss"] = g_out["loss"].detach()
         return metrics
@@ -283,6 +283,15 @@ def _unwrap(model: nn.Module) -> VocoderGAN:
     if not isinstance(inner, VocoderGAN):
         raise TypeError(f"VocoderSolver expects the model it built (VocoderGAN), got {type(inner).__name__}")
     return inner
+
+
+def _steps_taken(optimizer: torch.optim.Optimizer) -> int:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and "step" in state:
+                return int(state["step"])
+    return 0
 
 
 def _clear_grads(module: nn.Module) -> None:

@@ -145,3 +145,23 @@ def test_solver_refuses_missing_data(tmp_path):
     solver = VocoderSolver(_cfg(tmp_path / "empty.jsonl"))
     with pytest.raises(ValueError, match="empty"):
         solver.build_dataloaders()
+
+
+def test_runs_through_the_training_harness(manifest, tmp_path):
+    from voicelm.train import compose_config, train
+
+    disc = "solver.discriminator"
+    cfg = compose_config([
+        "solver=vocoder", "vocoder=tiny", f"run_dir={tmp_path / 'run'}", f"solver.train_manifest={manifest}",
+        "solver.steps=6", "solver.disc_start_step=3", "solver.batch_size=2", "solver.segment_frames=16",
+        "solver.valid_segment_frames=32", "solver.log_every=3", "solver.eval_every=null", "solver.checkpoint_every=3",
+        f"{disc}.periods=[2,3]", f"{disc}.period_channels=[4,8]", f"{disc}.fft_sizes=[256]", f"{disc}.stft_channels=4",
+    ])
+    result = train(cfg, stop_after=3)  # killed after 3 steps, then resumed
+    assert result.step == 3 and result.export_dir is None
+    result = train(cfg)
+    assert result.step == 6
+    assert {"d_loss", "mel_l1", "grad_norm_generator", "grad_norm_discriminator"} <= set(result.train_metrics)
+    assert "mel_l1" in result.valid_metrics
+    vocoder = HiFTGenerator.from_pretrained(result.export_dir)
+    assert vocoder.inference(torch.randn(1, 80, 3))[0].shape == (1, 768)

@@ -18,7 +18,6 @@ from voicelm.core.checkpoint import CheckpointError
 
 from tokenizer import SpeechTokenizer
 from tokenizer.convert import convert_glm4voice_tokenizer
-from tokenizer.cli import main as tokenize_main  # noqa: F401  (the CLI imports cleanly)
 from tok_helpers import speechlike
 
 D, HEADS, FFN, LAYERS, KEPT, CODES, BLOCK, MELS = 64, 4, 128, 3, 2, 32, 20, 128
@@ -130,7 +129,9 @@ def test_converted_tokens_equal_the_official_equations(official_dir, tmp_path):
 
 
 def test_converted_weights_land_in_place(official_dir, tmp_path):
-    convert_glm4voice_tokenizer(official_dir, tmp_path / "ours")
+    from voicelm.cli import main as cli
+
+    assert cli(["convert", "glm4voice-tokenizer", str(official_dir), str(tmp_path / "ours")]) == 0
     model = SpeechTokenizer.from_pretrained(tmp_path / "ours")
     state = official_state()
     p = "model.encoder."

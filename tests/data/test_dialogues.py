@@ -1,0 +1,81 @@
+"""The demo recipe's dialogue domain: answers are right, held-out combinations never train."""
+
+import json
+
+import pytest
+
+from voicelm.core.manifest import read_manifest
+from voicelm.data.dialogue_text import OPERATIONS, generate_dialogues, number_words
+from voicelm.data.dialogues import build_corpus
+
+
+def test_number_words():
+    assert number_words(0) == "zero"
+    assert number_words(12) == "twelve"
+    assert number_words(45) == "forty five"
+    assert number_words(300) == "three hundred"
+    assert number_words(121) == "one hundred twenty one"
+    with pytest.raises(ValueError):
+        number_words(1000)
+
+
+def test_arithmetic_answers_are_correct():
+    words = {number_words(n): n for n in range(1000)}
+    for _, exchanges in generate_dialogues(400, "train", seed=3):
+        for ex in exchanges:
+            if ex.task in ("arithmetic", "follow_up"):
+                left, result = ex.assistant.rstrip(".").split(" is ")
+                for op, fn in OPERATIONS.items():
+                    if f" {op} " in left:
+                        a, b = left.split(f" {op} ")
+                        assert fn(words[a], words[b]) == words[result], ex
+
+
+def test_heldout_exchanges_never_occur_in_training():
+    train = {(e.user, e.assistant) for _, ex in generate_dialogues(4000, "train", seed=0) for e in ex}
+    heldout = [(e.user, e.assistant) for _, ex in generate_dialogues(200, "heldout", seed=0)
+               for e in ex if e.split == "heldout" and e.task != "style"]
+    assert len(heldout) > 100
+    assert not [pair for pair in heldout if pair in train]
+
+
+def test_commutative_twin_of_a_heldout_sum_trains():
+    train = {e.user for _, ex in generate_dialogues(4000, "train", seed=0) for e in ex}
+    twins = 0
+    for _, ex in generate_dialogues(200, "heldout", seed=0):
+        first = ex[0]
+        if first.split == "heldout" and first.task == "arithmetic" and " plus " in first.user:
+            twins += any(q in train for q in _swapped_questions(first.user))
+    assert twins > 0
+
+
+def _swapped_questions(question: str) -> list[str]:
+    head, _, tail = question.partition(" plus ")
+    a = head.split()[-1]
+    b = tail.rstrip("?").split()[0]
+    return [question.replace(f"{a} plus {b}", f"{b} plus {a}")]
+
+
+def test_generation_is_deterministic_and_splits_are_distinct():
+    a = list(generate_dialogues(50, "heldout", seed=7))
+    b = list(generate_dialogues(50, "heldout", seed=7))
+    assert a == b
+    assert len({tuple(e.user for e in ex) for _, ex in a}) == 50
+    with pytest.raises(ValueError, match="split"):
+        next(generate_dialogues(1, "test", seed=0))
+
+
+@pytest.mark.slow
+def test_corpus_renders_users_and_a_single_assistant_voice(tmp_path):
+    path = build_corpus(tmp_path / "corpus", train=2, heldout=1, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["split"] for r in rows] == ["train", "train", "heldout"]
+    assistant = read_manifest(tmp_path / "corpus" / "assistant.jsonl")
+    user = read_manifest(tmp_path / "corpus" / "user.jsonl")
+    assert {u.speaker.split(":ls")[0] for u in assistant} == {"piper:joe"}
+    assert all(u.extra["sample_rate"] == 22050 for u in assistant)
+    assert len(user) == len(assistant) == sum(len(r["turns"]) for r in rows) // 2
+    for row in rows:
+        for turn in row["turns"]:
+            assert (tmp_path / "corpus" / turn["audio"]).exists()
+            assert turn["duration"] > 0.3

@@ -1,0 +1,109 @@
+"""`voicelm data dialogues`: the spoken dialogue corpus of the demo recipe.
+
+Text comes from `voicelm.data.dialogue_text` (a closed domain with a held-out split of unseen
+combinations); audio from `voicelm.data.synth`:
+- user turns: many espeak-ng voices (accents, variants, speeds, pitches) at 16 kHz, and a share
+  rendered by piper at several speaking rates;
+- assistant turns: one fixed natural voice (piper joe, 22,050 Hz, the decoder's rate); a style
+  request ("say it slowly") changes the speaking rate of that answer.
+
+Output directory:
+    dialogues.jsonl   one dialogue per line, the format `voicelm.lm.data` reads (turns with role,
+                      text, audio; `tokens` filled in later by the tokenizer), plus per-turn
+                      `task`, `style`, `answer` and `heldout` fields for scoring
+    user.jsonl        manifest of every user utterance (tokenizer training, ASR samples)
+    assistant.jsonl   manifest of every assistant utterance (decoder and vocoder training)
+    wavs/             the audio
+Deterministic for a seed: same text, same voices, same audio bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from voicelm.core.checkpoint import atomic_write_file
+from voicelm.core.manifest import read_manifest
+from voicelm.data.dialogue_text import generate_dialogues
+from voicelm.data.synth import PIPER_VOICE, SynthError, SynthItem, Voice, sample_voice, synthesize_manifest
+
+ASSISTANT_LENGTH_SCALE = {"normal": 1.0, "slow": 1.5, "fast": 0.75}
+PIPER_USER_SHARE = 0.2  # share of user turns spoken by piper instead of espeak
+DIALOGUES_NAME = "dialogues.jsonl"
+
+
+def assistant_voice(style: str) -> Voice:
+    return Voice("piper", PIPER_VOICE, length_scale=ASSISTANT_LENGTH_SCALE[style])
+
+
+def plan_corpus(train: int, heldout: int, seed: int) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
+    """Dialogue rows (without audio durations) and the user / assistant utterances to render."""
+    voice_rng = random.Random(f"voices:{seed}")
+    dialogues, user_items, assistant_items = [], [], []
+    for split, count in (("train", train), ("heldout", heldout)):
+        for dialogue_id, exchanges in generate_dialogues(count, split, seed):
+            # One speaker per dialogue, as in a real conversation.
+            engine = "piper" if voice_rng.random() < PIPER_USER_SHARE else "espeak"
+            user_voice = sample_voice(voice_rng, engine)
+            turns = []
+            for k, ex in enumerate(exchanges):
+                user_name, assistant_name = f"{dialogue_id}_{k}_user", f"{dialogue_id}_{k}_assistant"
+                user_items.append(SynthItem(ex.user, user_voice, {"split": split, "dialogue": dialogue_id,
+                                                                  "turn": 2 * k}, name=user_name))
+                assistant_items.append(SynthItem(ex.assistant, assistant_voice(ex.style),
+                                                 {"split": split, "dialogue": dialogue_id, "turn": 2 * k + 1,
+                                                  "style": ex.style}, name=assistant_name))
+                turns.append({"role": "user", "text": ex.user, "audio": f"wavs/{user_name}.wav", "tokens": None,
+                              "task": ex.task})
+                turns.append({"role": "assistant", "text": ex.assistant, "audio": f"wavs/{assistant_name}.wav",
+                              "tokens": None, "task": ex.task, "style": ex.style, "answer": ex.answer,
+                              "heldout": ex.split == "heldout"})
+            dialogues.append({"id": dialogue_id, "split": split, "speaker": user_voice.speaker, "turns": turns})
+    return dialogues, user_items, assistant_items
+
+
+def build_corpus(out_dir: str | Path, *, train: int, heldout: int, seed: int = 0, jobs: int = 1,
+                 progress: bool = False) -> Path:
+    """Render the corpus into `out_dir`; returns the path of dialogues.jsonl (written last)."""
+    if train < 0 or heldout < 0 or train + heldout == 0:
+        raise SynthError(f"ask for at least one dialogue (train={train}, heldout={heldout})")
+    out_dir = Path(out_dir)
+    dialogues, user_items, assistant_items = plan_corpus(train, heldout, seed)
+    user_manifest = synthesize_manifest(user_items, out_dir, jobs=jobs, seed=seed, manifest_name="user.jsonl",
+                                        progress=progress)
+    assistant_manifest = synthesize_manifest(assistant_items, out_dir, jobs=jobs, seed=seed,
+                                             manifest_name="assistant.jsonl", progress=progress)
+    durations = {u.audio: u.duration for m in (user_manifest, assistant_manifest) for u in read_manifest(m)}
+    for dialogue in dialogues:
+        for turn in dialogue["turns"]:
+            turn["duration"] = durations[turn["audio"]]
+    lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dialogues)
+    return atomic_write_file(out_dir / DIALOGUES_NAME, lambda tmp: Path(tmp).write_text(lines))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--train", type=int, default=2000, help="training dialogues (default 2000)")
+    parser.add_argument("--heldout", type=int, default=200, help="held-out dialogues (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    try:
+        path = build_corpus(args.out, train=args.train, heldout=args.heldout, seed=args.seed, jobs=args.jobs,
+                            progress=sys.stderr.isatty())
+    except (SynthError, ValueError) as exc:
+        print(f"voicelm data dialogues: {exc}", file=sys.stderr)
+        return 1
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    turns = sum(len(r["turns"]) for r in rows)
+    audio = sum(t["duration"] for r in rows for t in r["turns"])
+    print(f"wrote {path}: {len(rows)} dialogues, {turns} turns, {audio / 60:.1f} min of audio "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
