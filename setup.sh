@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SYSTEM_PACKAGES=(espeak-ng sox)
+# espeak-ng + sox: synthetic speech; chromium: the demo's browser test (Playwright drives it).
+SYSTEM_PACKAGES=(espeak-ng sox chromium chromium-driver)
 missing=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

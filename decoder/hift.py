@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from voicelm.core.audio import DECODER_SAMPLE_RATE, MEL_HOP
+from voicelm.core.audio import DECODER_SAMPLE_RATE
 from voicelm.core.checkpoint import (
     CheckpointError,
     config_from_dict,
@@ -211,7 +211,7 @@ class SourceModule(nn.Module):
         `cache` (B, state_channels, S) is the state of the first S samples, taken from the end of
         an earlier call: it is reused as is and phases/positions continue from its last sample.
         """
-        batch, length = f0_samples.shape
+        batch = f0_samples.shape[0]
         config = self.config
         f0 = f0_samples.detach().to(torch.float64)
         harmonic_numbers = torch.arange(1, self.num_sines + 1, device=f0.device, dtype=torch.float64)

@@ -4,9 +4,14 @@ Data: random segments of `segment_frames` mel frames (x 256 samples) of every ut
 resampled to 22,050 Hz, with their mel (`decoder.mel`) and an F0 target (`decoder.f0`).
 One step alternates (HiFi-GAN recipe, LSGAN losses):
   1. discriminator: multi-period + multi-resolution STFT, real vs generated (detached);
-  2. generator: adversarial + feature matching x 2 + mel L1 x 45 + F0 L1 (Hz) x f0_loss_weight.
-For the first `disc_start_step` steps only the generator trains, on mel + F0 losses: a quick
-start on a CPU, where the adversarial terms only pay off after the mel is roughly right.
+  2. generator: adversarial + feature matching x 2 + mel L1 x 45;
+  3. F0 predictor: squared error to the F0 target (in units of 100 Hz), with its own optimizer
+     and learning rate (`f0_lr`): the source path is not differentiated (as in the official
+     model), so nothing else shapes the predictor, and at the generator's learning rate it
+     needs tens of thousands of steps to reach speech F0 values.
+For the first `disc_start_step` steps the discriminator does not train and the generator
+learns from the mel loss alone: a quick start on a CPU, where the adversarial terms only pay
+off once the mel is roughly right.
 Export writes the generator alone as a `vocoder` part checkpoint.
 """
 
@@ -44,7 +49,6 @@ class LossWeights:
     mel: float = 45.0
     feature_matching: float = 2.0
     adversarial: float = 1.0
-    f0: float = 0.02  # per Hz of L1 error: a 50 Hz error costs about one unit
 
 
 class VocoderGAN(nn.Module):
@@ -74,12 +78,18 @@ class VocoderGAN(nn.Module):
             fake_logits, _ = self.discriminator(fake.detach())
             loss = discriminator_loss(real_logits, fake_logits)
             return {"loss": loss, "d_loss": loss.detach()}
+        if mode == "f0":
+            predicted = self.generator.f0_predictor(batch["mel"])
+            # Squared error in units of 100 Hz: with L1 (sign-only gradients) and ~70% unvoiced
+            # (0 Hz) frames, the predictor collapsed to 0 Hz everywhere in our piper runs.
+            loss = F.mse_loss(predicted / 100.0, batch["f0"] / 100.0)
+            return {"loss": loss, "f0_l1": F.l1_loss(predicted, batch["f0"]).detach()}
         if mode != "generator":
-            raise ValueError(f"mode must be 'generator' or 'discriminator', got {mode!r}")
+            raise ValueError(f"mode must be 'generator', 'discriminator' or 'f0', got {mode!r}")
         recon = self.reconstruction_losses(batch)
         w = self.weights
-        loss = w.mel * recon["mel_l1"] + w.f0 * recon["f0_l1"]
-        metrics = {"mel_l1": recon["mel_l1"].detach(), "f0_l1": recon["f0_l1"].detach()}
+        loss = w.mel * recon["mel_l1"]
+        metrics = {"mel_l1": recon["mel_l1"].detach()}
         if adversarial:
             _, real_features = self.discriminator(real)
             fake_logits, fake_features = self.discriminator(recon["wav"])
@@ -185,8 +195,8 @@ class VocoderSolver(Solver):
             mel=float(_get(solver, "mel_loss_weight", 45.0)),
             feature_matching=float(_get(solver, "feature_matching_weight", 2.0)),
             adversarial=float(_get(solver, "adversarial_weight", 1.0)),
-            f0=float(_get(solver, "f0_loss_weight", 0.02)),
         )
+        self.f0_lr = float(_get(solver, "f0_lr", 2e-3))
         self.segment_frames = int(_get(solver, "segment_frames", 32))
         if self.segment_frames < 4:
             raise ValueError(f"solver.segment_frames must be >= 4 mel frames, got {self.segment_frames}")
@@ -229,9 +239,15 @@ class VocoderSolver(Solver):
         valid = SegmentDataset(valid_paths, valid_frames, random_crop=False)
         return train_loader, DataLoader(valid, batch_size=self.batch_size, shuffle=False)
 
-    def optimizer_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    def optimizer_groups(self, model: nn.Module) -> dict[str, Any]:
         gan = _unwrap(model)
-        return {"generator": list(gan.generator.parameters()), "discriminator": list(gan.discriminator.parameters())}
+        f0_params = list(gan.generator.f0_predictor.parameters())
+        f0_ids = {id(p) for p in f0_params}
+        return {
+            "generator": [p for p in gan.generator.parameters() if id(p) not in f0_ids],
+            "f0_predictor": {"params": f0_params, "lr": self.f0_lr},
+            "discriminator": list(gan.discriminator.parameters()),
+        }
 
     def compute_loss(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
         """Reconstruction metrics only (used for validation): mel L1 and F0 L1."""
@@ -270,6 +286,11 @@ class VocoderSolver(Solver):
             if not wrapped:
                 gan.discriminator.requires_grad_(True)
         _clear_grads(gan.discriminator)
+        # Its own forward and backward (cheap: a conv stack at the mel rate), so that each
+        # forward has exactly one backward, as DDP requires.
+        f0_out = model(batch, mode="f0")
+        backward_and_step(f0_out["loss"], "f0_predictor")
+        metrics["f0_l1"] = f0_out["f0_l1"]
         metrics.update({k: v for k, v in g_out.items() if k != "loss"})
         metrics["loss"] = g_out["loss"].detach()
         return metrics

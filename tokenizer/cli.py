@@ -25,11 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_checkpoint() -> Path | None:
-    # A pipeline directory shipped with the repo, when the pipeline step provides one.
-    for candidate in (Path("pipelines/demo/tokenizer"), Path(__file__).resolve().parents[1] / "pipelines/demo/tokenizer"):
-        if (candidate / "config.json").exists():
-            return candidate
-    return None
+    # The tokenizer of the shipped default pipeline, when there is one.
+    from voicelm.core.paths import DEFAULT_PIPELINE
+
+    candidate = DEFAULT_PIPELINE / "tokenizer"
+    return candidate if (candidate / "config.json").exists() else None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,12 +1,8 @@
 """voicelm: end-to-end spoken dialogue models in the style of GLM-4-Voice."""
 
-from pathlib import Path
+from voicelm.core.paths import DEFAULT_PIPELINE
 
 __version__ = "0.1.0"
-
-# The pipeline directory the demo, server and chat load when given none: trained by the CPU
-# demo recipe and shipped with the repository.
-DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
 def __getattr__(name):

