@@ -187,12 +187,9 @@ def load_part(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[str, 
     return config, state
 
 
-def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, where: str = "checkpoint") -> None:
-    """Load `state` into `module`, explaining any key or shape mismatch in one message.
-
-    Tensors are cast to the module's dtype, so half-precision checkpoints load into float32 models.
-    """
-    expected = module.state_dict()
+def check_state_matches(expected: Mapping[str, Any], state: Mapping[str, torch.Tensor], *, where: str = "checkpoint") -> None:
+    """Raise one CheckpointError explaining every key or shape mismatch between `state` and `expected`
+    (a state dict, or any mapping of name -> object with `.shape`, e.g. meta tensors)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     bad_shapes = [
@@ -212,5 +209,14 @@ def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
             f"{where}: the weights do not match the model its config describes: " + "; ".join(parts)
             + ". The config and weights come from different models, or the file is damaged."
         )
+
+
+def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, where: str = "checkpoint") -> None:
+    """Load `state` into `module`, explaining any key or shape mismatch in one message.
+
+    Tensors are cast to the module's dtype, so half-precision checkpoints load into float32 models.
+    """
+    expected = module.state_dict()
+    check_state_matches(expected, state, where=where)
     cast = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(cast, strict=True)

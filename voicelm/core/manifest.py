@@ -43,21 +43,30 @@ class Utterance:
                 "duration": round(float(self.duration), 4), **self.extra}
 
 
-def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+def iter_jsonl(path: str | os.PathLike, *, error: type[Exception] = ManifestError,
+               hint: str = "make one with `voicelm data synth`") -> Iterator[tuple[str, Any]]:
+    """(where, row) for every non-blank line of a JSONL file; `where` is "path:line" for messages."""
     path = Path(path)
     if not path.exists():
-        raise ManifestError(f"manifest not found: {path} (make one with `voicelm data synth`)")
-    items = []
+        raise error(f"manifest not found: {path} ({hint})")
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+            raise error(f"{path}:{lineno}: not valid JSON ({exc})") from None
+
+
+def read_manifest(path: str | os.PathLike) -> list[Utterance]:
+    path = Path(path)
+    items = []
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ManifestError(f"{where}: each line must be a JSON object")
         missing = [k for k in REQUIRED_FIELDS if k not in row]
         if missing:
-            raise ManifestError(f"{path}:{lineno}: missing fields {missing}; each line needs {list(REQUIRED_FIELDS)}")
+            raise ManifestError(f"{where}: missing fields {missing}; each line needs {list(REQUIRED_FIELDS)}")
         extra = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
         items.append(Utterance(row["audio"], row["text"], row["speaker"], float(row["duration"]), extra, path.parent))
     return items

@@ -39,6 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from voicelm.core.checkpoint import atomic_write_file
+from voicelm.core.manifest import iter_jsonl
 from voicelm.lm.prompt import (SYSTEM_ASR, SYSTEM_TTS, TEXT_TOKENS_PER_CYCLE, SPEECH_TOKENS_PER_CYCLE, PromptError,
                                UserTurn, assistant_header, default_system, interleave, system_ids, user_ids)
 from voicelm.lm.text_tokenizer import TextTokenizer
@@ -111,18 +112,9 @@ def _parse_dialogue(row: Any, where: str) -> Dialogue:
 
 def read_dialogues(path: str | os.PathLike, split: str | None = None) -> list[Dialogue]:
     """Dialogues of a manifest (only those of `split` when given)."""
-    path = Path(path)
-    if not path.exists():
-        raise DialogueManifestError(f"dialogue manifest not found: {path} (make one with `voicelm data dialogues`)")
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DialogueManifestError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-        dialogue = _parse_dialogue(row, f"{path}:{lineno}")
+    for where, row in iter_jsonl(path, error=DialogueManifestError, hint="make one with `voicelm data dialogues`"):
+        dialogue = _parse_dialogue(row, where)
         if split is None or dialogue.split == split:
             out.append(dialogue)
     return out

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import GlmConfig, GlmForCausalLM
 
-from voicelm.core.checkpoint import (CheckpointError, WEIGHTS_NAME, config_from_dict, load_state_strict,
+from voicelm.core.checkpoint import (CheckpointError, WEIGHTS_NAME, check_state_matches, config_from_dict, load_state_strict,
                                      read_part_config, save_part)
 from voicelm.core.presets import load_preset
 from voicelm.lm.text_tokenizer import TOKENIZER_FILE, TextTokenizer, TextTokenizerError
@@ -178,7 +178,7 @@ class VoiceLM:
             model_dtype = torch.float32
         state = {k: v.to(model_dtype) if v.is_floating_point() else v for k, v in state.items()}
         expected = {k: v for k, v in model.state_dict().items()}
-        _check_state(expected, state, str(directory))
+        check_state_matches(expected, state, where=str(directory))
         model.load_state_dict(state, strict=True, assign=True)
         # Non-persistent buffers (RoPE inverse frequencies) are still on meta: recompute them.
         rotary = model.model.rotary_emb
@@ -230,23 +230,6 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             raise CheckpointError(f"{path} cannot be read as safetensors ({exc}); the file is damaged") from None
     return state
-
-
-def _check_state(expected: dict, state: dict, where: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-           for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
-        if bad:
-            parts.append(f"{len(bad)} shape mismatches (e.g. {bad[:3]})")
-        raise CheckpointError(f"{where}: the weights do not match the model its config.json describes: "
-                              + "; ".join(parts) + ". The config and weights come from different models, or a file is damaged.")
 
 
 QUANTIZED_MODES = ("int8", "nf4")
