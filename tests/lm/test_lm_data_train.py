@@ -159,3 +159,16 @@ def test_through_the_harness_then_fine_tune_with_init_from(tmp_path):
     assert lm2.text_tokenizer.to_str() == lm.text_tokenizer.to_str()
     changed = [k for k, t in lm2.model.state_dict().items() if not torch.equal(t, lm.model.state_dict()[k])]
     assert changed   # fine-tuning moved the weights
+
+
+def test_generation_metrics_skip_a_history_whose_speech_cannot_follow_its_text(tmp_path):
+    # The earlier answer has 30 text-ish words but only 3 speech tokens: it cannot be laid out
+    # 13:26, so the dialogue is skipped (as the dataset builder skips it), not an error.
+    dialogues = _dialogues()
+    short = DialogueTurn("assistant", " ".join(["seven"] * 30), None, [1, 2, 3])
+    bad = Dialogue("bad", [dialogues[0].turns[0], short] + dialogues[4].turns[-2:], split="train")
+    manifest = write_dialogues(tmp_path / "d.jsonl", dialogues)
+    solver = LMSolver(_cfg(manifest))
+    model = solver.build_model()
+    assert solver.generation_metrics(model, [bad]) == {}
+    assert set(solver.generation_metrics(model, [bad, dialogues[0]])) == {"answer_text_accuracy", "speech_token_accuracy"}

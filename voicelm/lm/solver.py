@@ -31,7 +31,7 @@ from voicelm.lm.data import (IGNORE_INDEX, TASKS, DataOptions, Dialogue, Mixture
 from voicelm.lm.generate import SamplingOptions, VoiceLMGen
 from voicelm.lm.model import VoiceLM, VoiceLMConfig, build_glm
 from voicelm.lm.prompt import (ASSISTANT_TAG, SYSTEM_ASR, SYSTEM_SPEECH_INPUT, SYSTEM_TEXT_INPUT, SYSTEM_TTS,
-                               AssistantTurn, UserTurn, build_prompt)
+                               AssistantTurn, PromptError, UserTurn, build_prompt)
 from voicelm.lm.text_tokenizer import TextTokenizer, train_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -185,14 +185,19 @@ class LMSolver(Solver):
                 if not turns or turns[-1].tokens is None:
                     continue
                 history: list = []
-                for user, assistant in zip(turns[0:-2:2], turns[1:-2:2]):
-                    history.append(UserTurn(speech=user.tokens) if user.tokens is not None else UserTurn(text=user.text))
-                    history.append(AssistantTurn.from_parts(self.vocab, self.tokenizer.encode(assistant.text),
-                                                            assistant.tokens, options.text_tokens, options.speech_tokens))
-                user, answer = turns[-2], turns[-1]
-                prompt = build_prompt(self.vocab, self.tokenizer, history,
-                                      user_text=None if user.tokens is not None else user.text,
-                                      user_speech=user.tokens, system=d.system if d.system is not None else "auto")
+                try:
+                    for user, assistant in zip(turns[0:-2:2], turns[1:-2:2]):
+                        history.append(UserTurn(speech=user.tokens) if user.tokens is not None else UserTurn(text=user.text))
+                        history.append(AssistantTurn.from_parts(self.vocab, self.tokenizer.encode(assistant.text),
+                                                                assistant.tokens, options.text_tokens, options.speech_tokens))
+                    user, answer = turns[-2], turns[-1]
+                    prompt = build_prompt(self.vocab, self.tokenizer, history,
+                                          user_text=None if user.tokens is not None else user.text,
+                                          user_speech=user.tokens, system=d.system if d.system is not None else "auto")
+                except PromptError:
+                    # An earlier answer whose speech is too short for its text cannot be laid out;
+                    # the dataset builder skips (and counts) such dialogues, so evaluation does too.
+                    continue
                 if len(prompt) >= lm.max_context:
                     continue
                 gen = VoiceLMGen(lm, prompt, options)

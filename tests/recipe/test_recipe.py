@@ -1,0 +1,132 @@
+"""The demo recipe's orchestration, run end to end with the `smoke` preset (tiny models, few steps).
+
+One smoke run is shared by the tests of this module: it is started with `--stages data,tokenizer`
+(a run stopped after the tokenizer stage), then resumed with a plain run that must complete the
+remaining stages without redoing the first two, then started once more (everything skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from voicelm.recipe import STAGES, RecipeError, load_recipe_config, run_recipe, select_stages
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe") / "smoke"
+    first = run_recipe("smoke", [f"out_dir={out}"], stages="data,tokenizer")
+    marker_times = {s: (out / "stages" / f"{s}.done.json").stat().st_mtime_ns for s in ("data", "tokenizer")}
+    second = run_recipe("smoke", [f"out_dir={out}"])
+    start = time.perf_counter()
+    third = run_recipe("smoke", [f"out_dir={out}"])
+    rerun_seconds = time.perf_counter() - start
+    return {"out": out, "first": first, "second": second, "third": third, "rerun_seconds": rerun_seconds,
+            "marker_times": marker_times}
+
+
+def test_stopped_after_tokenizer_then_resumed_completes(smoke):
+    first, second, out = smoke["first"], smoke["second"], smoke["out"]
+    assert set(first["stages"]) == {"data", "tokenizer"}
+    assert all(first["stages"][s]["state"] == "done" for s in ("data", "tokenizer"))
+    for stage in ("data", "tokenizer"):  # not redone by the resumed run
+        assert second["stages"][stage]["skipped_last_run"] is True
+        assert (out / "stages" / f"{stage}.done.json").stat().st_mtime_ns == smoke["marker_times"][stage]
+    for stage in STAGES[2:]:
+        assert second["stages"][stage]["skipped_last_run"] is False
+
+
+def test_every_stage_done_with_wall_times(smoke):
+    out = smoke["out"]
+    status = json.loads((out / "status.json").read_text())
+    for stage in STAGES:
+        entry = status["stages"][stage]
+        if stage == "eval" and entry["state"] == "skipped":
+            continue  # voicelm.evaluate not in this checkout yet: reported, never marked done
+        assert entry["state"] == "done", (stage, entry)
+        assert entry["wall_seconds"] > 0
+        marker = json.loads((out / "stages" / f"{stage}.done.json").read_text())
+        assert marker["outputs"] and marker["stage"] == stage
+    assert (out / "recipe.log").read_text().count("stage lm: done in") == 1
+    rows = [json.loads(line) for line in (out / "tokens" / "dialogues.jsonl").read_text().splitlines()]
+    assert rows and all(isinstance(t["tokens"], list) and t["tokens"] for r in rows for t in r["turns"])
+    assert all((out / "tokens" / t["audio"]).exists() for r in rows for t in r["turns"])
+
+
+def test_rerun_skips_every_stage(smoke):
+    third = smoke["third"]
+    for stage in STAGES:
+        entry = third["stages"][stage]
+        if entry["state"] != "skipped":
+            assert entry["skipped_last_run"] is True, stage
+    assert smoke["rerun_seconds"] < 20
+
+
+def test_pipeline_loads_and_answers_with_text_and_audio(smoke):
+    import voicelm
+    from voicelm.events import AudioChunk, TextDelta, TurnEnd
+
+    pipeline_dir = smoke["out"] / "pipeline"
+    info = json.loads((pipeline_dir / "pipeline.json").read_text())
+    assert info["recipe"] == "smoke" and info["dtype"] == "float16"
+    assert not (pipeline_dir / "tokenizer" / "model.safetensors").read_bytes().count(b"asr_head.")
+    pipeline = voicelm.load_pipeline(pipeline_dir)
+    assert not pipeline.decoder.is_fallback_vocoder  # the trained HiFT, not Griffin-Lim
+    session = pipeline.session(seed=0, options={"temperature": 0.0})
+    events = list(session.respond(text="what is seven plus five?", options={"max_new_tokens": 60}))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    audio = [e for e in events if isinstance(e, AudioChunk)]
+    assert text.strip()
+    assert audio and sum(len(a.samples) for a in audio) > 0 and audio[0].sample_rate == 22050
+    assert isinstance(events[-1], TurnEnd)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(RecipeError, match="known presets"):
+        load_recipe_config("nope")
+    with pytest.raises(RecipeError, match="no key 'data.trian'"):
+        load_recipe_config("smoke", ["data.trian=3"])
+    with pytest.raises(RecipeError, match="STAGE:KEY=VALUE"):
+        load_recipe_config("smoke", ["lmm:solver.steps=3"])
+    with pytest.raises(RecipeError, match="data.train"):
+        load_recipe_config("smoke", ["data.train=0", "data.heldout=0"])
+    with pytest.raises(RecipeError, match="pipeline.dtype"):
+        load_recipe_config("smoke", ["pipeline.dtype=int3"])
+    with pytest.raises(RecipeError, match="unknown stage"):
+        select_stages("data,tokeniser", None)
+    with pytest.raises(RecipeError, match="unknown stage"):
+        select_stages(None, "training")
+    assert select_stages(None, "lm") == ["lm", "export", "eval"]
+    cfg = load_recipe_config("smoke", ["lm:solver.steps=7", f"out_dir={tmp_path}"])
+    assert cfg["train"]["lm"][-1] == "solver.steps=7" and cfg["pipeline"]["dir"] == f"{tmp_path}/pipeline"
+
+
+def test_later_stage_without_its_inputs_says_what_to_run(tmp_path):
+    with pytest.raises(RecipeError, match="'data' has not finished.*--from data"):
+        run_recipe("smoke", [f"out_dir={tmp_path}"], stages="tokenizer")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["stages"]["tokenizer"]["state"] == "failed"
+    assert not (tmp_path / "stages" / "tokenizer.done.json").exists()
+
+
+def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(RecipeError, match="espeak-ng"):
+        run_recipe("smoke", [f"out_dir={tmp_path / 'r'}"], stages="data")
+    assert not (tmp_path / "r" / "data" / "dialogues.jsonl").exists()
+
+
+def test_demo_preset_composes_every_training_stage():
+    from voicelm.train import compose_config
+
+    cfg = load_recipe_config("demo")
+    assert cfg["pipeline"]["dtype"] == "float16"
+    assert "solver.init_whisper=base" in cfg["train"]["tokenizer"]
+    for stage in ("tokenizer", "decoder", "vocoder", "lm"):
+        composed = compose_config([f"solver={stage}", *cfg["train"][stage]])
+        assert composed.solver.name == stage

@@ -1,0 +1,563 @@
+"""`voicelm eval PIPELINE MANIFEST`: score any pipeline on a spoken dialogue manifest.
+
+The manifest is the `dialogues.jsonl` that `voicelm data dialogues` writes (turns carry `text`,
+`audio`; assistant turns also `answer`, `task`, `heldout`). Each dialogue of the chosen split
+runs through a fresh `Session` of the pipeline, turn by turn, fed the user turn's audio, with
+(nearly) greedy sampling and a fixed seed, through the public API only. Measured:
+
+- answer accuracy from the text stream (`answer_correct`), per task and overall, held-out
+  exchanges apart from the context turns around them;
+- Whisper word error of the spoken answer against the model's own text and against the
+  reference assistant text;
+- tokenizer round trip (audio -> pipeline tokenizer -> pipeline decoder -> Whisper) word error
+  on the user speech and on the assistant (piper) speech;
+- first-audio latency P50/P90 (`TurnEnd.timings["first_audio"]`: end of user audio to the first
+  audio chunk) and the real-time factor (compute seconds / seconds of audio produced).
+
+`report.json` (every number and one row per exchange) and `report.md` (a short table) are
+written under the output directory, each atomically. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from voicelm.core.checkpoint import atomic_write_file
+
+REPORT_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+DIALOGUES_NAME = "dialogues.jsonl"  # what `voicelm data dialogues` writes (voicelm.data.dialogues)
+JUDGES = ("base", "tiny.en")  # the Whisper models that exist offline (docs/whisper.md)
+DEFAULT_MAX_NEW_TOKENS = 600  # ~200 text + ~400 speech tokens (32 s of speech): far above any answer of the domain
+DEFAULT_TEMPERATURE = 0.0  # greedy: the score should not depend on luck
+
+
+class EvaluationError(ValueError):
+    """Input the evaluation cannot use (manifest, split, options); the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring text: pure functions
+
+_ONES = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+_WORD_OR_MARK = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[,.;:!?]")
+
+
+def _below_hundred(words: Sequence[str], i: int) -> tuple[int, int] | None:
+    """A number 0..99 spelled at words[i:] ("twenty one", "seven", "42") -> (value, next index)."""
+    if i >= len(words):
+        return None
+    word = words[i]
+    if word in _TENS:
+        value = _TENS[word]
+        if i + 1 < len(words) and 1 <= _ONES.get(words[i + 1], 0) <= 9:
+            return value + _ONES[words[i + 1]], i + 2
+        return value, i + 1
+    if word in _ONES:
+        return _ONES[word], i + 1
+    return None
+
+
+def _read_number(words: Sequence[str], i: int) -> tuple[int, int] | None:
+    word = words[i]
+    if word.isdigit():
+        return int(word), i + 1
+    if 1 <= _ONES.get(word, 0) <= 9 and i + 1 < len(words) and words[i + 1] == "hundred":
+        rest = _below_hundred(words, i + 2)
+        if rest is None:
+            return 100 * _ONES[word], i + 2
+        return 100 * _ONES[word] + rest[0], rest[1]
+    return _below_hundred(words, i)
+
+
+def normalize_answer_words(text: str) -> list[str]:
+    """Words of `text` for answer matching: lower case, punctuation gone, every number (words or
+    digits, up to 999) as digits. Punctuation separates numbers, so a count "one, two, three"
+    stays three numbers while "twenty one" is one."""
+    tokens = _WORD_OR_MARK.findall(text.lower())
+    words: list[str] = []
+    i = 0
+    while i < len(tokens):
+        number = None if tokens[i] in ",.;:!?" else _read_number(tokens, i)
+        if number is not None:
+            words.append(str(number[0]))
+            i = number[1]
+            continue
+        if tokens[i] not in ",.;:!?":
+            words.append(tokens[i])
+        i += 1
+    return words
+
+
+def _same_kind(word: str, other: str) -> bool:
+    """Would `word` continue an answer ending (or starting) with `other`? A number next to a
+    number, or a single letter next to a spelled letter."""
+    if other.isdigit():
+        return word.isdigit()
+    return len(other) == 1 and len(word) == 1 and word.isalpha()
+
+
+def _occurrences(words: Sequence[str], part: Sequence[str]) -> list[int]:
+    n = len(part)
+    return [i for i in range(len(words) - n + 1) if list(words[i:i + n]) == list(part)]
+
+
+def answer_correct(answer: str, text: str, *, reference: str | None = None) -> bool:
+    """Does the model's `text` give the reference `answer`?
+
+    Both sides go through `normalize_answer_words`; the answer must appear as a whole run of
+    words, not extended by another number (or spelled letter) on either side ("1 2 3" does not
+    answer "count from two to three", "twelve" does not answer with "120"). With the reference
+    assistant text, the word just before the answer there ("is" in "seven plus five is twelve",
+    "spelled" in "cat is spelled c, a, t") must also precede it in `text`: an answer that merely
+    repeats an operand of the question ("five minus zero is seven" for "five") is wrong.
+    """
+    wanted = normalize_answer_words(answer)
+    if not wanted:
+        raise ValueError(f"answer {answer!r} has no words to look for")
+    words = normalize_answer_words(text)
+    anchor = None
+    if reference is not None:
+        ref_words = normalize_answer_words(reference)
+        found = _occurrences(ref_words, wanted)
+        if found and found[-1] > 0:  # the answer closes every template of the domain
+            anchor = ref_words[found[-1] - 1]
+    for start in _occurrences(words, wanted):
+        end = start + len(wanted)
+        if anchor is not None:
+            if start == 0 or words[start - 1] != anchor:
+                continue
+        elif start > 0 and _same_kind(words[start - 1], wanted[0]):
+            continue
+        if end < len(words) and _same_kind(words[end], wanted[-1]):
+            continue
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+@dataclasses.dataclass(frozen=True)
+class EvalExchange:
+    index: int  # 0-based exchange number in its dialogue
+    user_text: str
+    user_audio: Path
+    assistant_text: str
+    assistant_audio: Path | None
+    answer: str
+    task: str
+    heldout: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalDialogue:
+    id: str
+    split: str
+    speaker: str | None
+    exchanges: tuple[EvalExchange, ...]
+
+
+def _manifest_path(manifest: str | os.PathLike) -> Path:
+    path = Path(manifest)
+    if path.is_dir():
+        path = path / DIALOGUES_NAME
+    if not path.is_file():
+        raise EvaluationError(f"dialogue manifest {path} not found: pass the {DIALOGUES_NAME} written by "
+                              f"`voicelm data dialogues --out DIR` (or that directory)")
+    return path
+
+
+def _parse_dialogue(row: Any, root: Path, where: str) -> EvalDialogue:
+    if not isinstance(row, dict) or not isinstance(row.get("turns"), list) or not row["turns"]:
+        raise EvaluationError(f"{where}: expected a dialogue object with a non-empty 'turns' list")
+    turns = row["turns"]
+    if len(turns) % 2 or any(t.get("role") != ("user", "assistant")[k % 2] if isinstance(t, dict) else True
+                             for k, t in enumerate(turns)):
+        raise EvaluationError(f"{where}: turns must alternate user, assistant (each a JSON object), "
+                              f"starting with the user")
+    exchanges = []
+    for k in range(0, len(turns), 2):
+        user, assistant = turns[k], turns[k + 1]
+        missing = [f"user.{key}" for key in ("text", "audio") if not isinstance(user.get(key), str)]
+        missing += [f"assistant.{key}" for key in ("text", "answer", "task")
+                    if not isinstance(assistant.get(key), str)]
+        if missing:
+            raise EvaluationError(f"{where}, exchange {k // 2}: missing {missing}; a scoring manifest comes from "
+                                  f"`voicelm data dialogues` (assistant turns carry 'answer' and 'task')")
+        if not normalize_answer_words(assistant["answer"]):
+            raise EvaluationError(f"{where}, exchange {k // 2}: the answer {assistant['answer']!r} has no words")
+        exchanges.append(EvalExchange(
+            index=k // 2, user_text=user["text"], user_audio=root / user["audio"],
+            assistant_text=assistant["text"],
+            assistant_audio=root / assistant["audio"] if isinstance(assistant.get("audio"), str) else None,
+            answer=assistant["answer"], task=assistant["task"], heldout=bool(assistant.get("heldout", False))))
+    return EvalDialogue(id=str(row.get("id", where)), split=str(row.get("split", "")),
+                        speaker=row.get("speaker"), exchanges=tuple(exchanges))
+
+
+def read_dialogues(manifest: str | os.PathLike, split: str = "heldout", limit: int | None = None) -> list[EvalDialogue]:
+    """The dialogues of `split` (the first `limit` of them), with every audio file checked to exist."""
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"limit must be at least 1 (or None for all), got {limit}")
+    path = _manifest_path(manifest)
+    dialogues, splits = [], {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvaluationError(f"{path}:{number} is not JSON ({exc})") from None
+        dialogue = _parse_dialogue(row, path.parent, f"{path}:{number}")
+        splits[dialogue.split] = splits.get(dialogue.split, 0) + 1
+        if dialogue.split == split and (limit is None or len(dialogues) < limit):
+            dialogues.append(dialogue)
+    if not dialogues:
+        have = ", ".join(f"{name!r}: {count}" for name, count in sorted(splits.items())) or "none at all"
+        raise EvaluationError(f"{path} has no dialogues of split {split!r} (dialogues per split: {have}); "
+                              f"choose another --split")
+    missing = [str(p) for d in dialogues for e in d.exchanges for p in (e.user_audio, e.assistant_audio)
+               if p is not None and not p.is_file()]
+    if missing:
+        raise EvaluationError(f"{len(missing)} audio file(s) of the manifest are missing, e.g. {missing[:3]}; "
+                              f"regenerate the corpus (voicelm data dialogues)")
+    return dialogues
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and summarising
+
+def _wer_or_none(references: list[str], hypotheses: list[str]) -> float | None:
+    """Corpus word error (Whisper's normalizer, jiwer); None when nothing can be scored."""
+    from voicelm.core.whisper_weights import normalized_wer
+
+    if not references:
+        return None
+    try:
+        return float(normalized_wer(references, hypotheses))
+    except ValueError:  # every reference empty after normalization
+        return None
+
+
+def _transcribe(judge, samples: np.ndarray, sample_rate: int) -> str:
+    from voicelm.core.audio import AudioError
+    from voicelm.core.whisper_weights import transcribe
+
+    if samples.size == 0:
+        return ""
+    try:
+        return transcribe(judge, samples, sample_rate)
+    except AudioError:  # silent output: nothing to hear
+        return ""
+
+
+def _run_exchange(session, exchange: EvalExchange, options: dict) -> dict[str, Any]:
+    from voicelm.core.audio import SAMPLE_RATE, load_audio
+    from voicelm.events import AudioChunk, Error, TextDelta, TurnEnd
+
+    wav = load_audio(exchange.user_audio, SAMPLE_RATE)
+    text, chunks, errors, end = [], [], [], None
+    for event in session.respond(audio=wav.numpy(), sample_rate=SAMPLE_RATE, options=options):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, AudioChunk):
+            chunks.append(event.samples)
+        elif isinstance(event, Error):
+            errors.append(f"{event.code}: {event.message}")
+        elif isinstance(event, TurnEnd):
+            end = event
+    audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    return {"text": "".join(text), "audio": audio, "end": end, "errors": errors,
+            "user_seconds": wav.numel() / SAMPLE_RATE}
+
+
+def _round_trip(pipeline, judge, path: Path) -> tuple[str, int]:
+    """Audio file -> pipeline tokenizer -> pipeline decoder -> Whisper transcript (and token count)."""
+    from voicelm.core.audio import SAMPLE_RATE, load_audio
+
+    wav = load_audio(path, SAMPLE_RATE)
+    tokens = pipeline.tokenizer.encode(wav, SAMPLE_RATE)
+    if tokens.numel() == 0:
+        return "", 0
+    decoded = pipeline.decoder.decode(tokens).detach().cpu().numpy()
+    return _transcribe(judge, decoded, pipeline.sample_rate), int(tokens.numel())
+
+
+def _accuracy(rows: list[dict]) -> dict[str, Any]:
+    def count(selected: list[dict]) -> dict[str, Any]:
+        correct = sum(r["correct"] for r in selected)
+        return {"correct": correct, "total": len(selected),
+                "accuracy": correct / len(selected) if selected else None}
+
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    return {**count(rows), "by_task": {task: count(sel) for task, sel in sorted(by_task.items())}}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    """The report's numbers from the per-exchange rows (pure: tests call it on hand-made rows)."""
+    first_audio = [r["timings"]["first_audio"] for r in rows if "first_audio" in r["timings"]]
+    first_text = [r["timings"]["first_text"] for r in rows if "first_text" in r["timings"]]
+    audio_seconds = sum(r["audio_seconds"] for r in rows)
+    compute = {key: sum(r["timings"].get(key, 0.0) for r in rows) for key in ("total", "lm", "decoder")}
+    with_round_trip = [r for r in rows if r.get("round_trip") is not None]
+    return {
+        "accuracy": {
+            "heldout": _accuracy([r for r in rows if r["heldout"]]),
+            "context": _accuracy([r for r in rows if not r["heldout"]]),
+            "all": _accuracy(rows),
+        },
+        "wer": {
+            "spoken_vs_text": _wer_or_none([r["text"] for r in rows], [r["spoken_transcript"] for r in rows]),
+            "spoken_vs_reference": _wer_or_none([r["reference"] for r in rows],
+                                                [r["spoken_transcript"] for r in rows]),
+        },
+        "round_trip_wer": {
+            "user": _wer_or_none([r["user_text"] for r in with_round_trip],
+                                 [r["round_trip"]["user_transcript"] for r in with_round_trip]),
+            "assistant": _wer_or_none(
+                [r["reference"] for r in with_round_trip if r["round_trip"]["assistant_transcript"] is not None],
+                [r["round_trip"]["assistant_transcript"] for r in with_round_trip
+                 if r["round_trip"]["assistant_transcript"] is not None]),
+        },
+        "latency": {
+            "first_audio_p50": _percentile(first_audio, 50), "first_audio_p90": _percentile(first_audio, 90),
+            "first_text_p50": _percentile(first_text, 50), "turns_with_audio": len(first_audio),
+            "turns": len(rows),
+        },
+        "rtf": {
+            "total": compute["total"] / audio_seconds if audio_seconds > 0 else None,
+            "lm": compute["lm"] / audio_seconds if audio_seconds > 0 else None,
+            "decoder": compute["decoder"] / audio_seconds if audio_seconds > 0 else None,
+            "compute_seconds": compute["total"], "audio_seconds": audio_seconds,
+        },
+        "errors": sum(len(r["errors"]) for r in rows),
+    }
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _fmt_acc(entry: dict) -> str:
+    return "n/a (0 exchanges)" if not entry["total"] else \
+        f"{_fmt_pct(entry['accuracy'])} ({entry['correct']}/{entry['total']})"
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{1000 * value:.0f} ms"
+
+
+def render_markdown(report: dict) -> str:
+    """The short table of `report.md` (and of the command's output)."""
+    acc, wer, rt, lat, rtf = (report["accuracy"], report["wer"], report["round_trip_wer"], report["latency"],
+                              report["rtf"])
+    lines = [
+        f"# Evaluation of {report['pipeline']['name']}",
+        "",
+        f"{report['num_dialogues']} dialogues ({report['num_exchanges']} exchanges) of split "
+        f"`{report['split']}` from `{report['manifest']}`; judge Whisper {report['judge']}; "
+        f"temperature {report['sampling']['temperature']}, seed {report['sampling']['seed']}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| answer accuracy, held-out exchanges | {_fmt_acc(acc['heldout'])} |",
+        f"| answer accuracy, context turns | {_fmt_acc(acc['context'])} |",
+        f"| answer accuracy, all | {_fmt_acc(acc['all'])} |",
+        f"| WER spoken answer vs own text | {_fmt_pct(wer['spoken_vs_text'])} |",
+        f"| WER spoken answer vs reference | {_fmt_pct(wer['spoken_vs_reference'])} |",
+        f"| tokenizer round trip WER, user speech | {_fmt_pct(rt['user'])} |",
+        f"| tokenizer round trip WER, assistant speech | {_fmt_pct(rt['assistant'])} |",
+        f"| first-audio latency P50 / P90 | {_fmt_ms(lat['first_audio_p50'])} / {_fmt_ms(lat['first_audio_p90'])} |",
+        "| real-time factor (compute / audio) | " +
+        ("n/a (no audio)" if rtf["total"] is None else f"{rtf['total']:.2f} (LM {rtf['lm']:.2f}, decoder "
+                                                       f"{rtf['decoder']:.2f})") + " |",
+    ]
+    if report["errors"]:
+        lines.append(f"| turns that ended in an error | {report['errors']} |")
+    tasks = acc["all"]["by_task"]
+    if tasks:
+        lines += ["", "| task | held-out | all |", "|---|---|---|"]
+        for task, entry in tasks.items():
+            held = acc["heldout"]["by_task"].get(task)
+            lines.append(f"| {task} | {_fmt_acc(held) if held else '-'} | {_fmt_acc(entry)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_judge(judge: str) -> None:
+    if judge not in JUDGES:
+        raise EvaluationError(f"judge must be one of {list(JUDGES)} (the Whisper models available offline), "
+                              f"got {judge!r}")
+
+
+def evaluate_pipeline(
+    pipeline_dir,
+    dialogues_manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "heldout",
+    limit: int | None = None,
+    judge: str = "base",
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    seed: int = 0,
+    round_trip: bool = True,
+    warmup: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Score a pipeline (a directory, or an already loaded `Pipeline`) on the dialogues of `split`
+    in `dialogues_manifest`; write `report.json` and `report.md` under `out_dir`; return the report.
+
+    Every input is checked before any model is loaded. `warmup` runs one unscored turn first, so
+    one-time costs (lazy initialisation, first-call allocations) stay out of the latency figures.
+    `progress`, if given, is called with one line per dialogue.
+    """
+    from voicelm.core.audio import AudioError
+    from voicelm.pipeline import Pipeline, load_pipeline
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvaluationError(f"output directory {out_dir} is a file; pass a directory for the report")
+    if max_new_tokens < 1:
+        raise EvaluationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= temperature:
+        raise EvaluationError(f"temperature must be >= 0, got {temperature}")
+    _check_judge(judge)
+    dialogues = read_dialogues(dialogues_manifest, split, limit)
+    pipeline = pipeline_dir if isinstance(pipeline_dir, Pipeline) else load_pipeline(pipeline_dir)
+    from voicelm.core.whisper_weights import load_whisper
+
+    judge_model = load_whisper(judge)
+    options = {"temperature": float(temperature), "max_new_tokens": int(max_new_tokens)}
+
+    if warmup:
+        _run_exchange(pipeline.session(options=options, seed=seed), dialogues[0].exchanges[0], options)
+        if round_trip:
+            _round_trip(pipeline, judge_model, dialogues[0].exchanges[0].user_audio)
+
+    report_dialogues, rows = [], []
+    for number, dialogue in enumerate(dialogues, start=1):
+        session = pipeline.session(options=options, seed=seed)
+        dialogue_rows = []
+        for exchange in dialogue.exchanges:
+            try:
+                turn = _run_exchange(session, exchange, options)
+            except (AudioError, ValueError) as exc:  # a clip the session refuses: scored wrong, reported
+                turn = {"text": "", "audio": np.zeros(0, np.float32), "end": None, "user_seconds": 0.0,
+                        "errors": [f"bad_input: {exc}"]}
+            end = turn["end"]
+            spoken = _transcribe(judge_model, turn["audio"], pipeline.sample_rate)
+            row = {
+                "dialogue": dialogue.id, "exchange": exchange.index, "task": exchange.task,
+                "heldout": exchange.heldout, "user_text": exchange.user_text, "reference": exchange.assistant_text,
+                "answer": exchange.answer, "text": turn["text"],
+                "correct": answer_correct(exchange.answer, turn["text"], reference=exchange.assistant_text),
+                "spoken_transcript": spoken,
+                "reason": end.reason if end else None,
+                "timings": dict(end.timings) if end else {},
+                "audio_seconds": float(end.audio_seconds) if end else 0.0,
+                "num_text_tokens": end.num_text_tokens if end else 0,
+                "num_speech_tokens": end.num_speech_tokens if end else 0,
+                "user_seconds": turn["user_seconds"], "errors": turn["errors"], "round_trip": None,
+            }
+            if round_trip:
+                user_transcript, user_tokens = _round_trip(pipeline, judge_model, exchange.user_audio)
+                assistant_transcript = None
+                if exchange.assistant_audio is not None:
+                    assistant_transcript, _ = _round_trip(pipeline, judge_model, exchange.assistant_audio)
+                row["round_trip"] = {"user_transcript": user_transcript, "user_tokens": user_tokens,
+                                     "assistant_transcript": assistant_transcript}
+            dialogue_rows.append(row)
+        rows.extend(dialogue_rows)
+        report_dialogues.append({"id": dialogue.id, "split": dialogue.split, "speaker": dialogue.speaker,
+                                 "exchanges": dialogue_rows})
+        if progress is not None:
+            right = sum(r["correct"] for r in dialogue_rows)
+            progress(f"[{number}/{len(dialogues)}] {dialogue.id}: {right}/{len(dialogue_rows)} answers right")
+
+    info = pipeline.info()
+    report = {
+        "version": REPORT_VERSION,
+        "pipeline": {"name": info["name"], "directory": info["directory"], "description": info["description"],
+                     "random_weights": info["random_weights"]},
+        "manifest": str(_manifest_path(dialogues_manifest)),
+        "split": split, "limit": limit, "judge": judge, "round_trip": round_trip, "warmup": warmup,
+        "sampling": {**options, "seed": seed},
+        "num_dialogues": len(dialogues), "num_exchanges": len(rows),
+        **summarize(rows),
+        "wall_seconds": time.perf_counter() - start,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "python": platform.python_version()},
+        "dialogues": report_dialogues,
+    }
+    write_report(report, out_dir)
+    return report
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """`report.json` and `report.md` under `out_dir`, each written atomically (complete or absent)."""
+    out_dir = Path(out_dir)
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"  # NaN is not JSON: numbers are None instead
+    table = render_markdown(report)
+    json_path = atomic_write_file(out_dir / REPORT_JSON, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    md_path = atomic_write_file(out_dir / REPORT_MD, lambda tmp: Path(tmp).write_text(table, encoding="utf-8"))
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", type=Path, help="pipeline directory (tokenizer/, voicelm/, decoder/)")
+    parser.add_argument("manifest", type=Path, help=f"{DIALOGUES_NAME} of `voicelm data dialogues` (or its directory)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report directory (default: eval/<pipeline name>-<split>)")
+    parser.add_argument("--split", default="heldout", help="dialogues of this split (default: heldout)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N dialogues of the split")
+    parser.add_argument("--judge", choices=JUDGES, default="base", help="Whisper model that transcribes (default base)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-round-trip", action="store_true", help="skip the tokenizer round trip (faster)")
+    parser.add_argument("--no-warmup", action="store_true", help="do not run an unscored warm-up turn first")
+
+
+def main(args: argparse.Namespace) -> int:
+    from voicelm.core.audio import AudioError
+    from voicelm.core.checkpoint import CheckpointError
+    from voicelm.core.whisper_weights import WhisperWeightsError
+
+    out = args.out if args.out is not None else Path("eval") / f"{Path(args.pipeline).resolve().name}-{args.split}"
+    try:
+        report = evaluate_pipeline(
+            args.pipeline, args.manifest, out, split=args.split, limit=args.limit, judge=args.judge,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+            round_trip=not args.no_round_trip, warmup=not args.no_warmup, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (EvaluationError, CheckpointError, AudioError, WhisperWeightsError) as exc:
+        print(f"voicelm eval: {exc}", file=sys.stderr)
+        return 1
+    print(render_markdown(report))
+    print(f"wrote {out / REPORT_JSON} and {out / REPORT_MD} in {report['wall_seconds']:.0f} s")
+    return 0

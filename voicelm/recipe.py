@@ -1,0 +1,481 @@
+"""`voicelm recipe demo|smoke`: train a whole pipeline end to end, stage by stage, resumably.
+
+Stages, in order (each reads what the earlier ones wrote under `out_dir`):
+
+    data       voicelm.data.dialogues.build_corpus -> data/{dialogues,user,assistant,speech}.jsonl + wavs/
+    tokenizer  solver=tokenizer on every utterance (user + assistant)     -> runs/tokenizer/export
+    tokenize   tokens for both manifests and every dialogue turn           -> tokens/*.jsonl
+    decoder    solver=decoder (flow) on the assistant voice                -> runs/decoder/export
+    vocoder    solver=vocoder (HiFT) on the assistant voice                -> runs/vocoder/export
+    lm         solver=lm on the tokenized dialogues                        -> runs/lm/export
+    export     the pipeline directory (tokenizer without ASR head, LM, flow + HiFT; cfg.pipeline.dtype)
+    eval       voicelm.evaluate.evaluate_pipeline on the held-out dialogues -> eval/report.{json,md}
+
+A finished stage writes `stages/<stage>.done.json` (atomically, last) listing its outputs; a
+rerun skips it. A training stage killed midway resumes from its run's last checkpoint (the
+harness's `resume=true`). `recipe.log` and `status.json` (per-stage wall time) live in `out_dir`.
+
+The preset is `conf/recipe/<name>.yaml`; `KEY=VALUE` arguments override it (OmegaConf dot
+syntax, e.g. `out_dir=/tmp/r data.train=100`), and `STAGE:OVERRIDE` arguments append a hydra
+override to one training stage (e.g. `lm:solver.steps=50`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from voicelm.core.checkpoint import atomic_write_dir, atomic_write_file
+from voicelm.core.paths import CONF_DIR
+
+log = logging.getLogger("voicelm.recipe")
+
+STAGES = ("data", "tokenizer", "tokenize", "decoder", "vocoder", "lm", "export", "eval")
+TRAIN_STAGES = ("tokenizer", "decoder", "vocoder", "lm")
+RECIPE_CONF_DIR = CONF_DIR / "recipe"
+EXPORT_DTYPES = ("float32", "float16")
+
+
+class RecipeError(RuntimeError):
+    """A recipe that cannot run; the message says what is wrong and what to do."""
+
+
+# --- configuration --------------------------------------------------------------------------
+
+def known_presets() -> list[str]:
+    return sorted(p.stem for p in RECIPE_CONF_DIR.glob("*.yaml"))
+
+
+def load_recipe_config(preset: str, overrides: list[str] = ()):
+    """The preset's YAML with `KEY=VALUE` and `STAGE:OVERRIDE` arguments applied, resolved."""
+    from omegaconf import OmegaConf
+
+    path = RECIPE_CONF_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise RecipeError(f"no recipe preset {preset!r} (no {path}); known presets: {known_presets()}")
+    cfg = OmegaConf.load(path)
+    dotlist, stage_extra = [], {}
+    for item in overrides:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head:
+            if head not in TRAIN_STAGES or "=" not in rest:
+                raise RecipeError(f"cannot read override {item!r}: STAGE:KEY=VALUE needs STAGE in "
+                                  f"{list(TRAIN_STAGES)} (e.g. lm:solver.steps=50)")
+            stage_extra.setdefault(head, []).append(rest)
+        elif "=" in item:
+            dotlist.append(item)
+        else:
+            raise RecipeError(f"cannot read override {item!r}: use KEY=VALUE for the recipe (e.g. data.train=100) "
+                              f"or STAGE:KEY=VALUE for one training stage (e.g. lm:solver.steps=50)")
+    for item in dotlist:
+        key = item.split("=", 1)[0]
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise RecipeError(f"override {item!r}: the recipe has no key {key!r} (see {path})")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    for stage, extra in stage_extra.items():
+        cfg.train[stage] = list(cfg.train[stage]) + extra
+    container = OmegaConf.to_container(cfg, resolve=True)
+    _validate(container, path)
+    return container
+
+
+def _validate(cfg: dict, path: Path) -> None:
+    problems = []
+    for key in ("name", "out_dir", "seed", "data", "train", "pipeline", "eval", "tokenize"):
+        if key not in cfg or cfg[key] is None:
+            problems.append(f"missing key {key!r}")
+    if problems:
+        raise RecipeError(f"{path}: " + "; ".join(problems))
+    data = cfg["data"]
+    if not all(isinstance(data.get(k), int) and data[k] >= 0 for k in ("train", "heldout")) or \
+            data["train"] + data["heldout"] == 0:
+        problems.append(f"data.train and data.heldout must be integers >= 0, not both 0 (got {data})")
+    threads = cfg.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        problems.append(f"threads must be null or an integer >= 1 (got {threads!r})")
+    if not isinstance(data.get("jobs", 1), int) or data.get("jobs", 1) < 1:
+        problems.append(f"data.jobs must be an integer >= 1 (got {data.get('jobs')!r})")
+    for stage in TRAIN_STAGES:
+        overrides = cfg["train"].get(stage)
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            problems.append(f"train.{stage} must be a list of hydra overrides KEY=VALUE (got {overrides!r})")
+    if cfg["pipeline"].get("dtype") not in EXPORT_DTYPES:
+        problems.append(f"pipeline.dtype must be one of {EXPORT_DTYPES} (got {cfg['pipeline'].get('dtype')!r})")
+    if not cfg["pipeline"].get("dir"):
+        problems.append("pipeline.dir is required (where the pipeline directory goes)")
+    if problems:
+        raise RecipeError(f"{path}: " + "; ".join(problems))
+
+
+def select_stages(stages: str | None, from_stage: str | None) -> list[str]:
+    if stages and from_stage:
+        raise RecipeError("give --stages or --from, not both")
+    if from_stage:
+        if from_stage not in STAGES:
+            raise RecipeError(f"--from {from_stage!r}: unknown stage; stages are {list(STAGES)}")
+        return list(STAGES[STAGES.index(from_stage):])
+    if stages:
+        chosen = [s.strip() for s in stages.split(",") if s.strip()]
+        unknown = [s for s in chosen if s not in STAGES]
+        if unknown or not chosen:
+            raise RecipeError(f"--stages {stages!r}: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+        return [s for s in STAGES if s in chosen]
+    return list(STAGES)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+class Recipe:
+    """Runs the stages of one recipe config in `cfg["out_dir"]`."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.out = Path(cfg["out_dir"]).resolve()
+        self.data_dir = self.out / "data"
+        self.tokens_dir = self.out / "tokens"
+        self.runs_dir = self.out / "runs"
+        self.stage_dir = self.out / "stages"
+        self.pipeline_dir = pipeline_dir(cfg)
+        self.eval_dir = self.out / "eval"
+
+    # --- bookkeeping ---
+    def marker(self, stage: str) -> Path:
+        return self.stage_dir / f"{stage}.done.json"
+
+    def stage_settings(self, stage: str) -> dict:
+        """What a stage's result depends on in the config (a change is reported when it is skipped)."""
+        c = self.cfg
+        section = {"data": c["data"], "tokenize": c["tokenize"], "export": c["pipeline"], "eval": c["eval"],
+                   **{name: c["train"][name] for name in TRAIN_STAGES}}[stage]
+        return {"seed": c["seed"], "settings": section}
+
+    def settings_hash(self, stage: str) -> str:
+        blob = json.dumps(self.stage_settings(stage), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def is_done(self, stage: str) -> dict | None:
+        path = self.marker(stage)
+        if not path.exists():
+            return None
+        try:
+            info = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is damaged; running stage %s again", path, stage)
+            return None
+        missing = [p for p in info.get("outputs", []) if not Path(p).exists()]
+        if missing:
+            log.warning("stage %s was done but its outputs %s are gone; running it again", stage, missing)
+            return None
+        return info
+
+    def read_status(self) -> dict:
+        path = self.out / "status.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("%s is damaged; starting a new one", path)
+        return {"recipe": self.cfg["name"], "out_dir": str(self.out), "stages": {}}
+
+    def write_status(self, status: dict) -> None:
+        text = json.dumps(status, indent=2) + "\n"
+        atomic_write_file(self.out / "status.json", lambda tmp: Path(tmp).write_text(text))
+
+    # --- driver ---
+    def run(self, stages: list[str], *, force: bool = False) -> dict:
+        """Run `stages` in order. Without `force`, done stages are skipped and unfinished training
+        runs resume; with `force` every chosen stage runs again from scratch."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.out / "recipe.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        # recipe.log records every stage's progress even when the caller's logging is quieter.
+        loggers = [logging.getLogger(name) for name in ("voicelm", "tokenizer", "decoder")]
+        saved = [lg.level for lg in loggers]
+        for lg in loggers:
+            if lg.getEffectiveLevel() > logging.INFO:
+                lg.setLevel(logging.INFO)
+        try:
+            return self._run(stages, force)
+        finally:
+            for lg, level in zip(loggers, saved):
+                lg.setLevel(level)
+            root.removeHandler(handler)
+            handler.close()
+
+    def _run(self, stages: list[str], force: bool) -> dict:
+        if self.cfg.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(self.cfg["threads"]))
+        atomic_write_file(self.out / "recipe_config.json",
+                          lambda tmp: Path(tmp).write_text(json.dumps(self.cfg, indent=2) + "\n"))
+        status = self.read_status()
+        log.info("recipe %s in %s: stages %s", self.cfg["name"], self.out, ", ".join(stages))
+        for stage in stages:
+            entry = status["stages"].setdefault(stage, {"state": "pending", "wall_seconds": 0.0, "runs": 0})
+            done = None if force else self.is_done(stage)
+            if done is not None:
+                if done.get("settings") != self.settings_hash(stage):
+                    log.warning("stage %s: done with other settings than the current config; skipped anyway "
+                                "(rerun it with --from %s)", stage, stage)
+                log.info("stage %s: done already (%s), skipped", stage, self.marker(stage))
+                entry["state"] = "done"
+                entry["skipped_last_run"] = True
+                self.write_status(status)
+                continue
+            self.marker(stage).unlink(missing_ok=True)
+            entry.update(state="running", skipped_last_run=False, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self.write_status(status)
+            log.info("stage %s: starting", stage)
+            start = time.perf_counter()
+            try:
+                self.fresh = force
+                outputs = getattr(self, f"stage_{stage}")()
+            except BaseException as exc:
+                elapsed = time.perf_counter() - start
+                entry["wall_seconds"] = round(entry["wall_seconds"] + elapsed, 1)
+                entry["runs"] += 1
+                entry["state"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                self.write_status(status)
+                log.error("stage %s %s after %.1f s: %s", stage, entry["state"], elapsed, entry["error"],
+                          exc_info=not isinstance(exc, (RecipeError, KeyboardInterrupt)))
+                raise
+            elapsed = time.perf_counter() - start
+            entry["wall_seconds"] = round(entry["wall_seconds"] + elapsed, 1)
+            entry["last_run_seconds"] = round(elapsed, 1)
+            entry["runs"] += 1
+            entry.pop("error", None)
+            if outputs is None:  # the stage could not run and said why (eval without its module)
+                entry["state"] = "skipped"
+                self.write_status(status)
+                continue
+            info = {"stage": stage, "outputs": [str(p) for p in outputs], "settings": self.settings_hash(stage),
+                    "wall_seconds": round(elapsed, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_file(self.marker(stage), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+            entry["state"] = "done"
+            entry["finished"] = info["finished"]
+            self.write_status(status)
+            log.info("stage %s: done in %.1f s", stage, elapsed)
+        status["total_wall_seconds"] = round(sum(e.get("wall_seconds", 0.0) for e in status["stages"].values()), 1)
+        self.write_status(status)
+        return status
+
+    def require(self, stage: str) -> dict:
+        info = self.is_done(stage)
+        if info is None:
+            raise RecipeError(f"stage {stage!r} has not finished in {self.out}: run it first "
+                              f"(voicelm recipe {self.cfg['name']} --from {stage} out_dir={self.out})")
+        return info
+
+    # --- stages ---
+    def stage_data(self) -> list[Path]:
+        check_data_tools()
+        from voicelm.data.dialogues import build_corpus
+        from voicelm.core.manifest import read_manifest, write_manifest
+
+        d = self.cfg["data"]
+        dialogues = build_corpus(self.data_dir, train=d["train"], heldout=d["heldout"], seed=self.cfg["seed"],
+                                 jobs=d.get("jobs", 1), progress=sys.stderr.isatty())
+        user, assistant = self.data_dir / "user.jsonl", self.data_dir / "assistant.jsonl"
+        # The tokenizer hears both sides: user voices (espeak, piper) and the assistant's voice,
+        # whose tokens train the decoder and the LM's answers.
+        speech = write_manifest(self.data_dir / "speech.jsonl", read_manifest(user) + read_manifest(assistant))
+        return [dialogues, user, assistant, speech]
+
+    def _train(self, stage: str, extra: list[str]) -> Path:
+        from voicelm.train import compose_config, train
+
+        run_dir = self.runs_dir / stage
+        resume = "false" if getattr(self, "fresh", False) else "true"  # --stages/--from: retrain from scratch
+        overrides = [f"solver={stage}", f"run_dir={run_dir}", f"seed={self.cfg['seed']}", f"resume={resume}",
+                     *extra, *self.cfg["train"][stage]]
+        log.info("stage %s: voicelm train %s", stage, " ".join(overrides))
+        result = train(compose_config(overrides))
+        export = Path(result.export_dir)
+        if not (export / "config.json").exists():
+            raise RecipeError(f"stage {stage}: the training run finished without an export in {export}")
+        if result.resumed_from:
+            log.info("stage %s: resumed from step %s", stage, result.resumed_from)
+        log.info("stage %s: step %s, valid %s", stage, result.step, result.valid_metrics)
+        return export
+
+    def stage_tokenizer(self) -> list[Path]:
+        self.require("data")
+        speech = self.data_dir / "speech.jsonl"
+        return [self._train("tokenizer", [f"solver.manifest={speech}", "solver.train_split=train",
+                                          "solver.valid_split=heldout"])]
+
+    def stage_tokenize(self) -> list[Path]:
+        self.require("data")
+        self.require("tokenizer")
+        from tokenizer import SpeechTokenizer, tokenize_manifest
+        from voicelm.core.manifest import iter_jsonl
+
+        tok = SpeechTokenizer.from_pretrained(self.runs_dir / "tokenizer" / "export")
+        batch = int(self.cfg["tokenize"].get("batch_size", 16))
+        progress = sys.stderr.isatty()
+        outputs = []
+        for name in ("user.jsonl", "assistant.jsonl"):
+            log.info("stage tokenize: %s", name)
+            outputs.append(tokenize_manifest(tok, self.data_dir / name, self.tokens_dir / name, batch_size=batch,
+                                             progress=progress))
+        tokens = {}
+        for path in outputs:
+            for _, row in iter_jsonl(path):
+                tokens[os.path.normpath(self.tokens_dir / row["audio"])] = row["tokens"]
+        lines = []
+        for where, dialogue in iter_jsonl(self.data_dir / "dialogues.jsonl"):
+            for turn in dialogue["turns"]:
+                audio = os.path.normpath(self.data_dir / turn["audio"])
+                if audio not in tokens:
+                    raise RecipeError(f"{where}: turn audio {turn['audio']} is in neither user.jsonl nor "
+                                      f"assistant.jsonl; rerun the data stage (--from data)")
+                turn["tokens"] = tokens[audio]
+                turn["audio"] = os.path.relpath(audio, self.tokens_dir)
+            lines.append(json.dumps(dialogue, ensure_ascii=False) + "\n")
+        dialogues = atomic_write_file(self.tokens_dir / "dialogues.jsonl",
+                                      lambda tmp: Path(tmp).write_text("".join(lines)))
+        return [*outputs, dialogues]
+
+    def stage_decoder(self) -> list[Path]:
+        self.require("tokenize")
+        manifest = self.tokens_dir / "assistant.jsonl"
+        # The vocoder is trained after the flow model; the export stage joins them, so the flow
+        # run's own export uses the labelled Griffin-Lim fallback.
+        return [self._train("decoder", [f"solver.train_manifest={manifest}", "solver.valid_split=heldout",
+                                        f"solver.mel_cache_dir={self.out / 'cache' / 'mel'}"])]
+
+    def stage_vocoder(self) -> list[Path]:
+        self.require("data")
+        manifest = self.data_dir / "assistant.jsonl"
+        return [self._train("vocoder", [f"solver.train_manifest={manifest}", "solver.valid_split=heldout"])]
+
+    def stage_lm(self) -> list[Path]:
+        self.require("tokenize")
+        manifest = self.tokens_dir / "dialogues.jsonl"
+        return [self._train("lm", [f"solver.train_manifest={manifest}", "solver.valid_split=heldout"])]
+
+    def stage_export(self) -> list[Path]:
+        for stage in ("tokenizer", "decoder", "vocoder", "lm"):
+            self.require(stage)
+        import torch
+        from decoder.hift import HiFTGenerator
+        from decoder.model import SpeechDecoder
+        from tokenizer import SpeechTokenizer
+        from voicelm.lm.model import VoiceLM
+        from voicelm.pipeline import PIPELINE_FILE, load_pipeline
+
+        dtype = {"float32": None, "float16": torch.float16}[self.cfg["pipeline"]["dtype"]]
+        tok = SpeechTokenizer.from_pretrained(self.runs_dir / "tokenizer" / "export")
+        lm = VoiceLM.from_pretrained(self.runs_dir / "lm" / "export", dtype=torch.float32)
+        flow_part = SpeechDecoder.from_pretrained(self.runs_dir / "decoder" / "export")
+        vocoder = HiFTGenerator.from_pretrained(self.runs_dir / "vocoder" / "export")
+        decoder = SpeechDecoder(flow_part.flow.config, vocoder)
+        decoder.flow.load_state_dict(flow_part.flow.state_dict())
+        info = {"name": self.cfg["pipeline"].get("name") or f"recipe-{self.cfg['name']}",
+                "description": self.cfg["pipeline"].get("description", ""), "random_weights": False,
+                "recipe": self.cfg["name"], "dtype": self.cfg["pipeline"]["dtype"]}
+        # One atomic directory: a kill leaves the previous pipeline (or none), never a mixture.
+        with atomic_write_dir(self.pipeline_dir) as tmp:
+            tok.save_pretrained(tmp / "tokenizer", dtype=dtype, include_asr_head=False)
+            lm.save_pretrained(tmp / "voicelm", dtype=dtype)
+            decoder.save_pretrained(tmp / "decoder", dtype=dtype)
+            (tmp / PIPELINE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            load_pipeline(tmp)  # the contracts (vocab, rates) are checked before anything is published
+        size = sum(p.stat().st_size for p in self.pipeline_dir.rglob("*") if p.is_file())
+        log.info("stage export: %s (%.1f MB, %s)", self.pipeline_dir, size / 1e6, self.cfg["pipeline"]["dtype"])
+        return [self.pipeline_dir]
+
+    def stage_eval(self) -> list[Path] | None:
+        self.require("export")
+        if importlib.util.find_spec("voicelm.evaluate") is None:
+            log.warning("stage eval: voicelm.evaluate is not installed in this checkout; skipped (not marked "
+                        "done, so the next run tries again)")
+            return None
+        from voicelm.evaluate import evaluate_pipeline
+
+        e = dict(self.cfg["eval"])
+        split, limit = e.pop("split", "heldout"), e.pop("limit", None)
+        unknown = sorted(set(e) - set(inspect.signature(evaluate_pipeline).parameters))
+        if unknown:
+            raise RecipeError(f"eval: unknown option(s) {unknown} for voicelm.evaluate.evaluate_pipeline")
+        with atomic_write_dir(self.eval_dir) as tmp:
+            report = evaluate_pipeline(self.pipeline_dir, self.data_dir / "dialogues.jsonl", tmp, split=split,
+                                       limit=limit, progress=lambda line: log.info("stage eval: %s", line), **e)
+        log.info("stage eval: %s", json.dumps(report, default=str)[:2000])
+        return [self.eval_dir]
+
+
+def pipeline_dir(cfg: dict) -> Path:
+    """`pipeline.dir`, where DEFAULT means the shipped default (voicelm.DEFAULT_PIPELINE)."""
+    from voicelm.core.paths import DEFAULT_PIPELINE
+
+    value = cfg["pipeline"]["dir"]
+    return DEFAULT_PIPELINE if value == "DEFAULT" else Path(value).resolve()
+
+
+def check_data_tools() -> None:
+    """The data stage renders speech with espeak-ng + sox and piper: say which is missing."""
+    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+    if importlib.util.find_spec("piper") is None:
+        missing.append("piper-tts (python package `piper`)")
+    if missing:
+        raise RecipeError(f"the data stage needs {', '.join(missing)}: install them (see setup.sh and "
+                          f"docs/data.md; on Debian/Ubuntu: apt-get install espeak-ng sox), or copy an existing "
+                          f"corpus into out_dir/data and run --from tokenizer")
+
+
+def run_recipe(preset: str, overrides: list[str] = (), *, stages: str | None = None,
+               from_stage: str | None = None) -> dict:
+    """Python entry point: load the preset, apply overrides, run the chosen stages; returns status.json's dict."""
+    cfg = load_recipe_config(preset, list(overrides))
+    chosen = select_stages(stages, from_stage)
+    # Naming stages means "run these again": they rerun from scratch even if done.
+    return Recipe(cfg).run(chosen, force=from_stage is not None or stages is not None)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", help=f"conf/recipe/<preset>.yaml: demo (the full CPU recipe, hours) or smoke "
+                                       f"(every stage in ~2-3 min)")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                        help="KEY=VALUE (recipe keys: out_dir=..., data.train=...) or STAGE:KEY=VALUE "
+                             "(a hydra override for one training stage, e.g. lm:solver.steps=50)")
+    parser.add_argument("--stages", help=f"comma-separated stages to (re)run, of {','.join(STAGES)}")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("voicelm").setLevel(logging.INFO)
+    try:
+        status = run_recipe(args.preset, args.overrides, stages=args.stages, from_stage=args.from_stage)
+    except RecipeError as exc:
+        print(f"voicelm recipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("voicelm recipe: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a stage failed: status.json and recipe.log say which
+        print(f"voicelm recipe: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({name: {k: e.get(k) for k in ("state", "wall_seconds")} for name, e in status["stages"].items()},
+                     indent=2))
+    print(f"total wall time: {status.get('total_wall_seconds', 0.0):.0f} s")
+    return 0
