@@ -53,13 +53,18 @@ class PeriodDiscriminator(nn.Module):
         remainder = (-length) % self.period
         x = F.pad(wav, (0, remainder), mode="reflect" if remainder < length else "constant")
         x = x.view(batch, 1, -1, self.period)  # (B, 1, T / p, p)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            features.append(x)
-        x = self.conv_post(x)
+        return _conv_stack(self.convs, self.conv_post, x)
+
+
+def _conv_stack(convs: nn.ModuleList, conv_post: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Leaky-ReLU conv stack of a sub-discriminator: (flattened logits, every layer's features)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
         features.append(x)
-        return x.flatten(1), features
+    x = conv_post(x)
+    features.append(x)
+    return x.flatten(1), features
 
 
 class STFTDiscriminator(nn.Module):
@@ -80,13 +85,7 @@ class STFTDiscriminator(nn.Module):
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         spec = torch.stft(wav.float(), self.n_fft, self.hop_length, window=self.window, return_complex=True)
         x = torch.log(spec.abs().clamp(min=1e-5))[:, None].transpose(2, 3).to(wav.dtype)  # (B, 1, frames, bins)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            features.append(x)
-        x = self.conv_post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _conv_stack(self.convs, self.conv_post, x)
 
 
 class VocoderDiscriminator(nn.Module):
