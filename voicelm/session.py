@@ -354,6 +354,19 @@ class Session:
         def add(key: str, seconds: float) -> None:
             timings[key] = timings.get(key, 0.0) + seconds
 
+        def emit_audio(chunks, decode_seconds: float):
+            # Waveform chunks -> AudioChunk events; a cancel stops within one chunk.
+            nonlocal audio_samples
+            for chunk in chunks:
+                if "first_audio" not in timings:
+                    timings["decoder_first_chunk"] = decode_seconds
+                    timings["first_audio"] = since(start)
+                samples = _as_samples(chunk)
+                yield AudioChunk(samples, pipeline.sample_rate, audio_samples)
+                audio_samples += len(samples)
+                if self._cancelled.is_set():
+                    break
+
         try:
             # 1. user input -> speech codes
             if wav is not None:
@@ -409,15 +422,7 @@ class Session:
                         chunks = audio.push([code])
                         decode_seconds = since(t)
                         add("decoder", decode_seconds)
-                        for chunk in chunks:
-                            if "first_audio" not in timings:
-                                timings["decoder_first_chunk"] = decode_seconds
-                                timings["first_audio"] = since(start)
-                            samples = _as_samples(chunk)
-                            yield AudioChunk(samples, pipeline.sample_rate, audio_samples)
-                            audio_samples += len(samples)
-                            if self._cancelled.is_set():
-                                break
+                        yield from emit_audio(chunks, decode_seconds)
                 elif vocab.is_text(token):
                     delta = detok.push(token)
                     if delta:
@@ -432,16 +437,9 @@ class Session:
             if audio is not None and not self._cancelled.is_set():
                 t = time.perf_counter()
                 chunks = audio.finish()
-                add("decoder", since(t))
-                for chunk in chunks:
-                    if "first_audio" not in timings:
-                        timings["decoder_first_chunk"] = since(t)
-                        timings["first_audio"] = since(start)
-                    samples = _as_samples(chunk)
-                    yield AudioChunk(samples, pipeline.sample_rate, audio_samples)
-                    audio_samples += len(samples)
-                    if self._cancelled.is_set():
-                        break
+                decode_seconds = since(t)
+                add("decoder", decode_seconds)
+                yield from emit_audio(chunks, decode_seconds)
             if self._cancelled.is_set() and reason not in (END_CANCELLED,):
                 reason = END_CANCELLED
         except GeneratorExit:
