@@ -15,14 +15,6 @@ from voicelm.core.checkpoint import CheckpointError, config_from_dict
 from voicelm.core.presets import load_preset
 
 
-@pytest.fixture(scope="module")
-def decoder() -> SpeechDecoder:
-    torch.manual_seed(0)
-    flow_config = config_from_dict(FlowConfig, load_preset("decoder", "tiny"))
-    vocoder = HiFTGenerator(HiFTConfig(base_channels=32, f0_channels=16, nb_harmonics=2, f0_num_convs=2))
-    return SpeechDecoder(flow_config, vocoder).eval()
-
-
 def test_decode_gives_22khz_waveform_of_the_token_duration(decoder):
     wav = decoder.decode([1, 2, 3] * 5)
     assert decoder.sample_rate == 22050 and decoder.vocab_size == 64

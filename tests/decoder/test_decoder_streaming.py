@@ -6,7 +6,6 @@ import torch
 from decoder import SpeechDecoder, StreamingDecoder
 from decoder.flow import FlowConfig, FlowInputError, frames_for_tokens
 from decoder.griffinlim import GriffinLimVocoder
-from decoder.hift import HiFTConfig, HiFTGenerator
 from voicelm.core.checkpoint import config_from_dict
 from voicelm.core.presets import load_preset
 
@@ -15,14 +14,6 @@ from voicelm.core.presets import load_preset
 # past, and 24 held-back frames are cross-faded at each join.
 STREAM_MEL_REL_L2 = 0.10
 STREAM_MEL_MEAN_ABS = 0.06
-
-
-@pytest.fixture(scope="module")
-def decoder() -> SpeechDecoder:
-    torch.manual_seed(0)
-    flow_config = config_from_dict(FlowConfig, load_preset("decoder", "tiny"))
-    vocoder = HiFTGenerator(HiFTConfig(base_channels=32, f0_channels=16, nb_harmonics=2, f0_num_convs=2))
-    return SpeechDecoder(flow_config, vocoder).eval()
 
 
 def tokens(n: int, seed: int = 1) -> torch.Tensor:
