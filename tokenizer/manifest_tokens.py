@@ -22,10 +22,14 @@ def tokenize_manifest(tokenizer: SpeechTokenizer, manifest_in: str | os.PathLike
     `tokens` field added; relative audio paths are rewritten relative to the output's folder."""
     manifest_in, manifest_out = Path(manifest_in), Path(manifest_out)
     rows = read_manifest(manifest_in)
-    out_rows = []
+    out_rows: list[dict | None] = [None] * len(rows)
     out_dir = manifest_out.resolve().parent
+    # Batches of similar durations pad little; the tokenizer is causal, so a clip's tokens do not
+    # depend on what it is batched with, and the output keeps the manifest's order.
+    order = sorted(range(len(rows)), key=lambda i: rows[i].duration)
     for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="tokenize", unit="batch"):
-        group = rows[start:start + batch_size]
+        picked = order[start:start + batch_size]
+        group = [rows[i] for i in picked]
         clips = []
         for row in group:
             try:
@@ -34,10 +38,10 @@ def tokenize_manifest(tokenizer: SpeechTokenizer, manifest_in: str | os.PathLike
                 raise AudioError(f"{manifest_in}: row for {row.audio!r}: {exc}") from None
         tokens, lengths = tokenizer.encode_batch(clips, SAMPLE_RATE, batch_size=batch_size, max_seconds=None,
                                                  allow_silent=True)
-        for row, ids, n in zip(group, tokens, lengths.tolist()):
+        for index, row, ids, n in zip(picked, group, tokens, lengths.tolist()):
             data = row.to_json()
             data["audio"] = os.path.relpath(row.audio_path.resolve(), out_dir) if not Path(row.audio).is_absolute() \
                 else row.audio
             data["tokens"] = ids[:n].tolist()
-            out_rows.append(data)
+            out_rows[index] = data
     return write_manifest(manifest_out, out_rows)

@@ -146,6 +146,7 @@ class Recipe:
         self.stage_dir = self.out / "stages"
         self.pipeline_dir = pipeline_dir(cfg)
         self.eval_dir = self.out / "eval"
+        self._touched: set[str] = set()  # stages this run has started: the entries it owns in status.json
 
     # --- bookkeeping ---
     def marker(self, stage: str) -> Path:
@@ -187,8 +188,23 @@ class Recipe:
         return {"recipe": self.cfg["name"], "out_dir": str(self.out), "stages": {}}
 
     def write_status(self, status: dict) -> None:
-        text = json.dumps(status, indent=2) + "\n"
-        atomic_write_file(self.out / "status.json", lambda tmp: Path(tmp).write_text(text))
+        """Write this run's stage entries into status.json, keeping the entries another recipe process
+        (e.g. `--stages lm` next to `--stages decoder,vocoder`) wrote meanwhile; a lock file serialises writers."""
+        import fcntl
+
+        with open(self.out / ".status.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = self.read_status()
+            for stage in self._touched:
+                merged["stages"][stage] = status["stages"][stage]
+            for key, value in status.items():
+                if key != "stages":
+                    merged[key] = value
+            merged["total_wall_seconds"] = round(sum(e.get("wall_seconds", 0.0) for e in merged["stages"].values()), 1)
+            text = json.dumps(merged, indent=2) + "\n"
+            atomic_write_file(self.out / "status.json", lambda tmp: Path(tmp).write_text(text))
+        status["stages"].update(merged["stages"])
+        status["total_wall_seconds"] = merged["total_wall_seconds"]
 
     # --- driver ---
     def run(self, stages: list[str], *, force: bool = False) -> dict:
@@ -224,7 +240,9 @@ class Recipe:
                           lambda tmp: Path(tmp).write_text(json.dumps(self.cfg, indent=2) + "\n"))
         status = self.read_status()
         log.info("recipe %s in %s: stages %s", self.cfg["name"], self.out, ", ".join(stages))
+        self._touched = set()
         for stage in stages:
+            self._touched.add(stage)
             entry = status["stages"].setdefault(stage, {"state": "pending", "wall_seconds": 0.0, "runs": 0})
             done = None if force else self.is_done(stage)
             if done is not None:
@@ -270,7 +288,6 @@ class Recipe:
             entry["finished"] = info["finished"]
             self.write_status(status)
             log.info("stage %s: done in %.1f s", stage, elapsed)
-        status["total_wall_seconds"] = round(sum(e.get("wall_seconds", 0.0) for e in status["stages"].values()), 1)
         self.write_status(status)
         return status
 
@@ -294,7 +311,16 @@ class Recipe:
         # The tokenizer hears both sides: user voices (espeak, piper) and the assistant's voice,
         # whose tokens train the decoder and the LM's answers.
         speech = write_manifest(self.data_dir / "speech.jsonl", read_manifest(user) + read_manifest(assistant))
-        return [dialogues, user, assistant, speech]
+        return [dialogues, user, assistant, speech, *self._text_data()]
+
+    def _text_data(self) -> list[Path]:
+        """`data.text` text-only training dialogues (no audio) for the LM's "text" task."""
+        from voicelm.data.dialogues import TEXT_DIALOGUES_NAME, write_text_dialogues
+
+        count = int(self.cfg["data"].get("text") or 0)
+        if count <= 0:
+            return []
+        return [write_text_dialogues(self.data_dir / TEXT_DIALOGUES_NAME, count, self.cfg["seed"])]
 
     def _train(self, stage: str, extra: list[str]) -> Path:
         from voicelm.train import compose_config, train
@@ -366,8 +392,13 @@ class Recipe:
 
     def stage_lm(self) -> list[Path]:
         self.require("tokenize")
+        from voicelm.data.dialogues import TEXT_DIALOGUES_NAME
+
         manifest = self.tokens_dir / "dialogues.jsonl"
-        return [self._train("lm", [f"solver.train_manifest={manifest}", "solver.valid_split=heldout"])]
+        extra = [f"solver.train_manifest={manifest}", "solver.valid_split=heldout"]
+        if int(self.cfg["data"].get("text") or 0) > 0:
+            extra.append(f"solver.text_manifest={self.data_dir / TEXT_DIALOGUES_NAME}")
+        return [self._train("lm", extra)]
 
     def stage_export(self) -> list[Path]:
         for stage in ("tokenizer", "decoder", "vocoder", "lm"):

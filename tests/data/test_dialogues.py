@@ -6,7 +6,8 @@ import pytest
 
 from voicelm.core.manifest import read_manifest
 from voicelm.data.dialogue_text import OPERATIONS, generate_dialogues, number_words
-from voicelm.data.dialogues import build_corpus
+from voicelm.data.dialogues import build_corpus, write_text_dialogues
+from voicelm.lm.data import read_dialogues
 
 
 def test_number_words():
@@ -37,6 +38,18 @@ def test_heldout_exchanges_never_occur_in_training():
                for e in ex if e.split == "heldout" and e.task != "style"]
     assert len(heldout) > 100
     assert not [pair for pair in heldout if pair in train]
+
+
+def test_text_corpus_is_readable_and_holds_no_heldout_exchange(tmp_path):
+    path = write_text_dialogues(tmp_path / "text.jsonl", 3000, seed=0)
+    dialogues = read_dialogues(path)
+    assert len(dialogues) == 3000 and all(d.split == "train" for d in dialogues)
+    assert all(t.tokens is None and t.audio is None and t.text for d in dialogues for t in d.turns)
+    pairs = {(d.turns[i].text, d.turns[i + 1].text) for d in dialogues for i in range(0, len(d.turns), 2)}
+    heldout = [(e.user, e.assistant) for _, ex in generate_dialogues(200, "heldout", seed=0)
+               for e in ex if e.split == "heldout" and e.task != "style"]
+    assert not [pair for pair in heldout if pair in pairs]
+    assert write_text_dialogues(tmp_path / "again.jsonl", 3000, seed=0).read_bytes() == path.read_bytes()
 
 
 def test_commutative_twin_of_a_heldout_sum_trains():

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from voicelm.lm import VoiceLM, Vocabulary, render_ids
 from voicelm.lm.data import (IGNORE_INDEX, DataOptions, Dialogue, DialogueManifestError, DialogueTurn, SampleBuilder,
                              collate, read_dialogues, write_dialogues)
-from voicelm.lm.prompt import SYSTEM_ASR, SYSTEM_TTS
+from voicelm.lm.prompt import SYSTEM_ASR, SYSTEM_TEXT_ONLY, SYSTEM_TTS
 from voicelm.lm.solver import LMSolver
 
 ANSWERS = ["seven plus five is twelve.", "two plus two is four.", "c, a, t.",
@@ -78,6 +78,28 @@ def test_dialogue_sample_layout_and_loss_mask(tokenizer):
     batch = collate([asr, tts], v.pad_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert int(batch["attention_mask"].sum()) == len(asr) + len(tts)
+
+
+def test_text_task_answers_in_text_only_from_its_own_manifest(tokenizer, tmp_path):
+    v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
+    dialogues = _dialogues()
+    builder = SampleBuilder(v, tokenizer, DataOptions(max_length=512, tasks=("text",)))
+    samples = builder.build(dialogues)["text"]
+    assert len(samples) == 5 and builder.stats.samples["text"] == 5
+    multi = samples[4]
+    rendered = render_ids(v, tokenizer, multi.input_ids)
+    assert rendered.startswith(f"<|system|>\n{SYSTEM_TEXT_ONLY}<|user|>\nquestion 0")
+    assert not any(v.is_speech(i) for i in multi.input_ids)
+    # the loss covers both text answers and their stop tokens, nothing of the questions
+    trained = [l for l in multi.labels if l != IGNORE_INDEX]
+    expected = tokenizer.encode(ANSWERS[0]) + [v.user_id] + tokenizer.encode("seven plus seven is fourteen.")
+    assert trained == expected + [v.user_id]
+    # text dialogues given separately replace the training dialogues' text; speech-only turns are skipped
+    extra = [Dialogue("t0", [DialogueTurn("user", "what is one plus one?"),
+                             DialogueTurn("assistant", "one plus one is two.")]),
+             Dialogue("t1", [DialogueTurn("user", None, None, [1, 2, 3]), DialogueTurn("assistant", "hi.")])]
+    samples = SampleBuilder(v, tokenizer, DataOptions(tasks=("dialogue", "text"))).build(dialogues, extra)
+    assert [s.source for s in samples["text"]] == ["t0"] and len(samples["dialogue"]) == 5
 
 
 def test_too_long_and_too_short_are_counted_never_silent(tokenizer, caplog):
@@ -172,3 +194,44 @@ def test_generation_metrics_skip_a_history_whose_speech_cannot_follow_its_text(t
     model = solver.build_model()
     assert solver.generation_metrics(model, [bad]) == {}
     assert set(solver.generation_metrics(model, [bad, dialogues[0]])) == {"answer_text_accuracy", "speech_token_accuracy"}
+
+
+def test_solver_reads_text_dialogues_from_text_manifest(tmp_path):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    text = write_dialogues(tmp_path / "t.jsonl", [
+        Dialogue(f"t{i}", [DialogueTurn("user", f"how do you spell {w}?"), DialogueTurn("assistant", ", ".join(w) + ".")])
+        for i, w in enumerate(["zebra", "quiz", "jazz"])])
+    solver = LMSolver(_cfg(manifest, mix={"dialogue": 1.0, "text": 0.5}, text_manifest=str(text)))
+    train, _ = solver.build_dataloaders()
+    assert solver.train_stats.samples["text"] == 3 and solver.train_stats.samples["dialogue"] == 5
+    assert "text" in train.tasks
+    # the BPE is trained on the text dialogues too: their words encode back exactly
+    assert solver.tokenizer.decode(solver.tokenizer.encode("how do you spell zebra?")) == "how do you spell zebra?"
+    with pytest.raises(ValueError, match="text_manifest"):
+        empty = write_dialogues(tmp_path / "e.jsonl", [Dialogue("v", [DialogueTurn("user", "a")], split="valid")])
+        LMSolver(_cfg(manifest, mix={"text": 1.0}, text_manifest=str(empty), valid_split="valid")).build_dataloaders()
+
+
+def test_length_grouped_batches_keep_size_and_cut_padding():
+    from voicelm.lm.data import LMSample, MixtureBatches
+
+    def pool(task, lengths):
+        return [LMSample([1] * n, [1] * n, task, f"{task}{i}") for i, n in enumerate(lengths)]
+
+    samples = {"text": pool("text", range(10, 40)), "dialogue": pool("dialogue", range(200, 400, 5))}
+
+    def run(group):
+        batches = MixtureBatches(samples, {"text": 1.0, "dialogue": 1.0}, 8, 0, 40, seed=3, group=group)
+        batches.set_epoch(2)
+        out = list(batches)
+        padded = sum(b["input_ids"].numel() for b in out)
+        real = sum(int(b["attention_mask"].sum()) for b in out)
+        return out, padded, real
+
+    plain, plain_padded, plain_real = run(1)
+    grouped, grouped_padded, grouped_real = run(8)
+    assert len(grouped) == 40 and all(b["input_ids"].shape[0] == 8 for b in grouped)
+    assert grouped_padded < 0.75 * plain_padded, (grouped_padded, plain_padded)
+    assert abs(grouped_real / plain_real - 1) < 0.3   # the same mixture of tasks, only batched differently
+    again, _, _ = run(8)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again))  # resumable

@@ -130,3 +130,25 @@ def test_demo_preset_composes_every_training_stage():
     for stage in ("tokenizer", "decoder", "vocoder", "lm"):
         composed = compose_config([f"solver={stage}", *cfg["train"][stage]])
         assert composed.solver.name == stage
+
+
+def test_two_recipe_processes_keep_each_others_status(tmp_path):
+    """`--stages lm` and `--stages decoder,vocoder` may run side by side on a multi-core machine:
+    neither may erase the stage entries the other wrote to status.json."""
+    from voicelm.recipe import Recipe
+
+    cfg = load_recipe_config("smoke", [f"out_dir={tmp_path}"])
+    a, b = Recipe(cfg), Recipe(cfg)
+    a.out.mkdir(parents=True, exist_ok=True)
+    status_a, status_b = a.read_status(), b.read_status()  # both read before either writes
+    a._touched, b._touched = {"lm"}, {"decoder"}
+    status_a["stages"]["lm"] = {"state": "running", "wall_seconds": 5.0, "runs": 0}
+    status_b["stages"]["decoder"] = {"state": "done", "wall_seconds": 7.0, "runs": 1}
+    a.write_status(status_a)
+    b.write_status(status_b)
+    status_a["stages"]["lm"] = {"state": "done", "wall_seconds": 9.0, "runs": 1}
+    a.write_status(status_a)
+    on_disk = json.loads((tmp_path / "status.json").read_text())
+    assert on_disk["stages"]["lm"]["state"] == "done"
+    assert on_disk["stages"]["decoder"]["wall_seconds"] == 7.0
+    assert on_disk["total_wall_seconds"] == 16.0

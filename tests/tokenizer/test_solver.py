@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tokenizer import SpeechTokenizer, tokenize_manifest
+from voicelm.core.audio import load_audio
 from tokenizer.solver import TokenizerSolver
 from voicelm.core.manifest import read_manifest
 from voicelm.core.presets import load_preset
@@ -85,6 +86,11 @@ def test_tokenize_manifest_and_cli(speech_manifest, tmp_path, capsys):
     first = rows[0]
     assert first.audio_path.exists()  # audio paths still resolve from the new folder
     assert len(first.extra["tokens"]) == -(-round(first.duration * 16000) // 1280)
+    # batched by duration, written in the manifest's order, each clip's tokens as if alone
+    assert [r.text for r in rows] == [r.text for r in read_manifest(speech_manifest)]
+    for row in rows:
+        alone = tok.encode(load_audio(row.audio_path, 16000, allow_silent=True), 16000, allow_silent=True)
+        assert row.extra["tokens"] == alone.tolist()
 
     from voicelm.cli import main as cli
 

@@ -14,6 +14,9 @@ Output directory:
     user.jsonl        manifest of every user utterance (tokenizer training, ASR samples)
     assistant.jsonl   manifest of every assistant utterance (decoder and vocoder training)
     wavs/             the audio
+    text_dialogues.jsonl  (with `--text N`) N training dialogues as text only, no audio: the LM's
+                      text data (`solver.text_manifest`), which costs no rendering; held-out
+                      combinations never occur in it either
 Deterministic for a seed: same text, same voices, same audio bytes.
 """
 
@@ -34,6 +37,7 @@ from voicelm.data.synth import PIPER_VOICE, SynthError, SynthItem, Voice, sample
 ASSISTANT_LENGTH_SCALE = {"normal": 1.0, "slow": 1.5, "fast": 0.75}
 PIPER_USER_SHARE = 0.2  # share of user turns spoken by piper instead of espeak
 DIALOGUES_NAME = "dialogues.jsonl"
+TEXT_DIALOGUES_NAME = "text_dialogues.jsonl"
 
 
 def assistant_voice(style: str) -> Voice:
@@ -85,12 +89,32 @@ def build_corpus(out_dir: str | Path, *, train: int, heldout: int, seed: int = 0
     return atomic_write_file(out_dir / DIALOGUES_NAME, lambda tmp: Path(tmp).write_text(lines))
 
 
+def write_text_dialogues(path: str | Path, count: int, seed: int = 0) -> Path:
+    """`count` training-split dialogues as text only (the dialogue-manifest format, no audio or
+    tokens), drawn from the same generator as the spoken corpus: the first ones are the spoken
+    corpus's own dialogues, the rest more of the same distribution. Written atomically."""
+    if count < 1:
+        raise SynthError(f"ask for at least one text dialogue (text={count})")
+    rows = []
+    for dialogue_id, exchanges in generate_dialogues(count, "train", seed):
+        turns = []
+        for ex in exchanges:
+            turns.append({"role": "user", "text": ex.user, "task": ex.task})
+            turns.append({"role": "assistant", "text": ex.assistant, "task": ex.task, "style": ex.style,
+                          "answer": ex.answer})
+        rows.append({"id": f"text-{dialogue_id}", "split": "train", "turns": turns})
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return atomic_write_file(Path(path), lambda tmp: Path(tmp).write_text(lines))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--train", type=int, default=2000, help="training dialogues (default 2000)")
     parser.add_argument("--heldout", type=int, default=200, help="held-out dialogues (default 200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--text", type=int, default=0, metavar="N",
+                        help=f"also write {TEXT_DIALOGUES_NAME}: N text-only training dialogues (no audio)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,6 +122,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         path = build_corpus(args.out, train=args.train, heldout=args.heldout, seed=args.seed, jobs=args.jobs,
                             progress=sys.stderr.isatty())
+        if args.text:
+            text_path = write_text_dialogues(Path(args.out) / TEXT_DIALOGUES_NAME, args.text, args.seed)
+            print(f"wrote {text_path}: {args.text} text-only dialogues")
     except (SynthError, ValueError) as exc:
         print(f"voicelm data dialogues: {exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,10 @@ Samples built from one manifest (each an `LMSample`: ids + labels, -100 = no los
 - "asr": system SYSTEM_ASR, user speech of any turn with tokens, answer = its text + stop.
 - "tts": system SYSTEM_TTS, user text of an assistant turn, answer = its speech + stop (the
   assistant's voice only, so the model learns one voice).
+- "text": system SYSTEM_TEXT_ONLY, every turn as text, answers as text only + stop: text-only
+  dialogues (`SampleBuilder.text_sample`, from `solver.text_manifest` or the training
+  dialogues' text). They teach what to answer from data that needs no audio; a text answer of
+  up to 13 tokens is exactly the text a spoken answer starts with.
 
 Too long for `max_length`: the oldest (user, assistant) pairs of a dialogue are dropped until
 it fits (counted as `truncated_dialogues` / `dropped_turns`); a sample whose last exchange alone
@@ -40,7 +44,8 @@ import torch
 
 from voicelm.core.checkpoint import atomic_write_file
 from voicelm.core.manifest import iter_jsonl
-from voicelm.lm.prompt import (SYSTEM_ASR, SYSTEM_TTS, TEXT_TOKENS_PER_CYCLE, SPEECH_TOKENS_PER_CYCLE, PromptError,
+from voicelm.lm.prompt import (SYSTEM_ASR, SYSTEM_TEXT_ONLY, SYSTEM_TTS, TEXT_TOKENS_PER_CYCLE,
+                               SPEECH_TOKENS_PER_CYCLE, PromptError,
                                UserTurn, assistant_header, default_system, interleave, system_ids, user_ids)
 from voicelm.lm.text_tokenizer import TextTokenizer
 from voicelm.lm.vocab import Vocabulary
@@ -48,7 +53,7 @@ from voicelm.lm.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TASKS = ("dialogue", "asr", "tts")
+TASKS = ("dialogue", "asr", "tts", "text")
 
 
 class DialogueManifestError(ValueError):
@@ -155,7 +160,7 @@ class DataOptions:
     text_tokens: int = TEXT_TOKENS_PER_CYCLE
     speech_tokens: int = SPEECH_TOKENS_PER_CYCLE
     text_input_ratio: float = 0.0    # share of dialogues whose user turns are given as text
-    tasks: tuple[str, ...] = TASKS   # which sample kinds to build
+    tasks: tuple[str, ...] = ("dialogue", "asr", "tts")  # which sample kinds to build (of TASKS)
     seed: int = 0
 
 
@@ -267,9 +272,30 @@ class SampleBuilder:
                 out.append(sample)
         return out
 
-    def build(self, dialogues: Sequence[Dialogue]) -> dict[str, list[LMSample]]:
-        """Samples per task; `self.stats` counts what was built, truncated and skipped."""
+    def text_sample(self, dialogue: Dialogue) -> LMSample | None:
+        """Every turn as text; the answers are text only (no speech tokens)."""
+        exchanges = []
+        for i in range(0, len(dialogue.turns) - 1, 2):
+            user, assistant = dialogue.turns[i], dialogue.turns[i + 1]
+            if not user.text or not assistant.text:
+                return None  # a turn known only as speech: not a text dialogue
+            user_part = user_ids(self.vocab, self.tokenizer, UserTurn(text=user.text))
+            exchanges.append((user_part + assistant_header(self.vocab, self.tokenizer),
+                              self.tokenizer.encode(assistant.text)))
+        if not exchanges:
+            return None
+        return self._fit(SYSTEM_TEXT_ONLY, exchanges, "text", dialogue.id)
+
+    def build(self, dialogues: Sequence[Dialogue],
+              text_dialogues: Sequence[Dialogue] | None = None) -> dict[str, list[LMSample]]:
+        """Samples per task; `self.stats` counts what was built, truncated and skipped. The "text"
+        task reads `text_dialogues` when given, else the text of `dialogues`."""
         out: dict[str, list[LMSample]] = {t: [] for t in self.options.tasks}
+        if "text" in out:
+            for d in (dialogues if text_dialogues is None else text_dialogues):
+                sample = self.text_sample(d)
+                if sample is not None:
+                    out["text"].append(sample)
         for d in dialogues:
             for turn in d.turns:
                 if turn.tokens is not None and any(k >= self.vocab.speech_vocab_size for k in turn.tokens):
@@ -312,10 +338,14 @@ class MixtureBatches:
     Each batch draws every sample's task with probability proportional to `weights[task]`, then a
     sample of that task uniformly. `batches_per_epoch` batches make one pass of the iterable (the
     harness iterates it again). Under DDP each rank gets its own seed (`rank`).
+
+    `group` > 1 draws the samples of `group` batches at once, sorts them by length and cuts them
+    into batches (yielded in random order): the same samples and batch size, far less padding
+    when short samples (text, ASR) mix with long ones (multi-turn dialogues).
     """
 
     def __init__(self, samples: Mapping[str, Sequence[LMSample]], weights: Mapping[str, float], batch_size: int,
-                 pad_id: int, batches_per_epoch: int, seed: int = 0, rank: int = 0):
+                 pad_id: int, batches_per_epoch: int, seed: int = 0, rank: int = 0, group: int = 1):
         self.tasks = [t for t in samples if samples[t] and float(weights.get(t, 0.0)) > 0]
         if not self.tasks:
             raise ValueError(f"no training samples for any task with a positive weight (weights {dict(weights)}, "
@@ -327,6 +357,7 @@ class MixtureBatches:
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
         self.rank = rank
+        self.group = max(1, int(group))
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -339,9 +370,18 @@ class MixtureBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(hash((self.seed, self.rank, self.epoch)))
         self.epoch += 1
-        for _ in range(self.batches_per_epoch):
-            tasks = rng.choices(self.tasks, weights=self.weights, k=self.batch_size)
-            yield collate([rng.choice(self.samples[t]) for t in tasks], self.pad_id)
+        left = self.batches_per_epoch
+        while left > 0:
+            n = min(self.group, left)
+            tasks = rng.choices(self.tasks, weights=self.weights, k=self.batch_size * n)
+            drawn = [rng.choice(self.samples[t]) for t in tasks]
+            if n > 1:
+                drawn.sort(key=len)
+            batches = [drawn[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n)]
+            rng.shuffle(batches)
+            for batch in batches:
+                yield collate(batch, self.pad_id)
+            left -= n
 
 
 def fixed_batches(samples: Sequence[LMSample], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

@@ -34,6 +34,8 @@ SYSTEM_TEXT_INPUT = ("User will provide you with a text instruction. Do it step 
                      "tokens.")
 SYSTEM_ASR = "Transcribe the user's speech into text."
 SYSTEM_TTS = "Read the user's text aloud: answer with speech tokens only."
+# Our own (not GLM-4-Voice's): text-only training dialogues, answered with text only.
+SYSTEM_TEXT_ONLY = "User will provide you with a text instruction. Answer in text only."
 
 AUTO = "auto"
 

@@ -1,6 +1,7 @@
 """Training stage `solver=lm`: the voice LM on interleaved dialogue sequences (+ ASR/TTS samples).
 
-Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `valid_split`),
+Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `valid_split`,
+`text_manifest` for text-only dialogues),
 `text_tokenizer` (a file; none = train a BPE of `lm.text_vocab_size` on the training text),
 `init_from` (a voicelm checkpoint to fine-tune: its geometry, vocabulary and tokenizer win over
 `cfg.lm`), `mix` (task weights), `max_length`, `text_input_ratio`, `eval_generate`.
@@ -30,7 +31,8 @@ from voicelm.lm.data import (IGNORE_INDEX, TASKS, DataOptions, Dialogue, Mixture
                              read_dialogues)
 from voicelm.lm.generate import SamplingOptions, VoiceLMGen
 from voicelm.lm.model import VoiceLM, VoiceLMConfig, build_glm
-from voicelm.lm.prompt import (ASSISTANT_TAG, SYSTEM_ASR, SYSTEM_SPEECH_INPUT, SYSTEM_TEXT_INPUT, SYSTEM_TTS,
+from voicelm.lm.prompt import (ASSISTANT_TAG, SYSTEM_ASR, SYSTEM_SPEECH_INPUT, SYSTEM_TEXT_INPUT, SYSTEM_TEXT_ONLY,
+                               SYSTEM_TTS,
                                AssistantTurn, PromptError, UserTurn, build_prompt)
 from voicelm.lm.text_tokenizer import TextTokenizer, train_text_tokenizer
 
@@ -77,6 +79,12 @@ class LMSolver(Solver):
             self.valid_dialogues = [d for d in dialogues if d.split == valid_split]
         if not self.train_dialogues:
             raise ValueError(f"{s['train_manifest']} has no training dialogues (all are split={valid_split!r})")
+        # Text-only dialogues for the "text" task (none: the text of the training dialogues).
+        self.text_dialogues = None
+        if s.get("text_manifest"):
+            self.text_dialogues = [d for d in read_dialogues(s["text_manifest"]) if d.split != valid_split]
+            if not self.text_dialogues:
+                raise ValueError(f"solver.text_manifest {s['text_manifest']} has no training dialogues")
 
         self.init_lm: VoiceLM | None = None
         if s.get("init_from"):
@@ -89,9 +97,9 @@ class LMSolver(Solver):
             if s.get("text_tokenizer"):
                 self.tokenizer = TextTokenizer.load(s["text_tokenizer"])
             else:
-                texts = [t.text for d in self.train_dialogues for t in d.turns if t.text]
+                texts = [t.text for d in self.train_dialogues + (self.text_dialogues or []) for t in d.turns if t.text]
                 texts += [d.system for d in self.train_dialogues if d.system]
-                texts += [SYSTEM_SPEECH_INPUT, SYSTEM_TEXT_INPUT, SYSTEM_ASR, SYSTEM_TTS, ASSISTANT_TAG]
+                texts += [SYSTEM_SPEECH_INPUT, SYSTEM_TEXT_INPUT, SYSTEM_TEXT_ONLY, SYSTEM_ASR, SYSTEM_TTS, ASSISTANT_TAG]
                 self.tokenizer = train_text_tokenizer(texts, int(lm_values.get("text_vocab_size", 1024)))
             # The LM's text range is exactly the tokenizer's size (a BPE may stop short of the target).
             lm_values["text_vocab_size"] = self.tokenizer.vocab_size
@@ -121,7 +129,7 @@ class LMSolver(Solver):
         self._prepare()
         s = self.settings
         builder = SampleBuilder(self.vocab, self.tokenizer, self.data_options)
-        samples = builder.build(self.train_dialogues)
+        samples = builder.build(self.train_dialogues, self.text_dialogues)
         self.train_stats = builder.stats
         log.info("LM training samples: %s", builder.stats.report())
         batch_size = int(s.get("batch_size", 16))
@@ -130,7 +138,7 @@ class LMSolver(Solver):
         per_epoch = int(s.get("batches_per_epoch") or max(1, math.ceil(total / batch_size)))
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         train = MixtureBatches(samples, weights, batch_size, self.vocab.pad_id, per_epoch,
-                               seed=int(s.get("seed", 0)), rank=rank)
+                               seed=int(s.get("seed", 0)), rank=rank, group=int(s.get("length_group", 1) or 1))
         valid = None
         if self.valid_dialogues:
             valid_builder = SampleBuilder(self.vocab, self.tokenizer,
