@@ -281,15 +281,19 @@ def ci_check(app, pipeline, host: str, port: int) -> int:
         if status != 200:
             print(f"voicelm demo: CI check FAILED: GET / returned {status}")
             return 1
-        events = list(pipeline.session(seed=0).respond(text="what is seven plus five?",
-                                                       options={"max_new_tokens": 60}))
+        question = "what is seven plus five?"
+        events = list(pipeline.session(seed=0).respond(text=question, options={"max_new_tokens": 400}))
         end = events[-1]
         audio = sum(len(e.samples) for e in events if isinstance(e, AudioChunk))
         if not isinstance(end, TurnEnd) or end.reason == "error" or not end.text or audio == 0:
             print(f"voicelm demo: CI check FAILED: the text turn gave {end!r} and {audio} audio samples")
             return 1
-        print(f"voicelm demo: CI check passed: page served on {check_host}:{port} (HTTP 200); a text turn gave "
-              f"{len(end.text)} characters of text and {audio / pipeline.sample_rate:.2f} s of audio "
+        # A trained model must also be right (a random one only has to stream text and audio).
+        if not pipeline.random_weights and "twelve" not in end.text.lower():
+            print(f"voicelm demo: CI check FAILED: asked {question!r}, the model answered {end.text!r}")
+            return 1
+        print(f"voicelm demo: CI check passed: page served on {check_host}:{port} (HTTP 200); asked {question!r}, "
+              f"it answered {end.text!r} with {audio / pipeline.sample_rate:.2f} s of audio "
               f"(model: {pipeline.describe()})")
         return 0
     finally:

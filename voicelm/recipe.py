@@ -491,7 +491,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
 
 
+def _interrupt_on_signals() -> None:
+    """SIGTERM (and SIGINT, which a shell ignores in background jobs) stop the recipe like Ctrl-C:
+    the running stage is marked `interrupted` with its wall time, and the same command resumes."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def main(args: argparse.Namespace) -> int:
+    _interrupt_on_signals()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("voicelm").setLevel(logging.INFO)

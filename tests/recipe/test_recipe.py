@@ -152,3 +152,31 @@ def test_two_recipe_processes_keep_each_others_status(tmp_path):
     assert on_disk["stages"]["lm"]["state"] == "done"
     assert on_disk["stages"]["decoder"]["wall_seconds"] == 7.0
     assert on_disk["total_wall_seconds"] == 16.0
+
+
+def test_sigterm_marks_the_running_stage_interrupted(tmp_path, monkeypatch):
+    """A recipe in the background (nohup, a job scheduler) is stopped with SIGTERM: the running
+    stage must be recorded as interrupted, with its time, so that the same command resumes."""
+    import os
+    import signal
+
+    from voicelm.recipe import Recipe, _interrupt_on_signals
+
+    def stage_data(self):
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the stage")
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _interrupt_on_signals()
+        monkeypatch.setattr(Recipe, "stage_data", stage_data)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe("smoke", [f"out_dir={tmp_path}"], stages="data")
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    entry = json.loads((tmp_path / "status.json").read_text())["stages"]["data"]
+    assert entry["state"] == "interrupted" and entry["wall_seconds"] >= 0.3
+    assert not (tmp_path / "stages" / "data.done.json").exists()
