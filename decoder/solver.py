@@ -175,8 +175,9 @@ class FlowSolver(Solver):
 
     def compute_loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         device = next(model.parameters()).device
-        loss = model(batch["tokens"].to(device), batch["lengths"].to(device), batch["mel"].to(device))
-        return {"loss": loss}
+        prior_weight = float(_cfg_get(self.cfg.solver, "prior_weight", 0.0))
+        return model(batch["tokens"].to(device), batch["lengths"].to(device), batch["mel"].to(device),
+                     prior_weight=prior_weight, parts=True)
 
     def evaluate(self, model: nn.Module, valid) -> dict[str, float]:
         """Flow-matching loss on validation crops, with fixed seeds and the streaming (block-causal) mask."""
@@ -185,22 +186,25 @@ class FlowSolver(Solver):
         state = torch.random.get_rng_state(), random.getstate()
         torch.manual_seed(0)
         random.seed(0)
-        totals, count = 0.0, 0
+        flow = prior = 0.0
+        count = 0
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 device = next(model.parameters()).device
                 for batch in valid:
-                    loss = model(batch["tokens"].to(device), batch["lengths"].to(device), batch["mel"].to(device),
-                                 block_causal=True)
-                    totals += float(loss)
+                    parts = model(batch["tokens"].to(device), batch["lengths"].to(device), batch["mel"].to(device),
+                                  block_causal=True, parts=True)
+                    flow += float(parts["flow"])
+                    prior += float(parts["prior"])
                     count += 1
         finally:
             torch.random.set_rng_state(state[0])
             random.setstate(state[1])
             model.train(was_training)
-        return {"loss": totals / max(count, 1)}
+        # "loss" is the flow-matching loss alone, comparable between runs with and without the prior loss.
+        return {"loss": flow / max(count, 1), "prior": prior / max(count, 1)}
 
     def _vocoder(self) -> nn.Module:
         directory = _cfg_get(self.cfg.solver, "vocoder_dir")

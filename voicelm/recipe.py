@@ -5,6 +5,9 @@ Stages, in order (each reads what the earlier ones wrote under `out_dir`):
     data       voicelm.data.dialogues.build_corpus -> data/{dialogues,user,assistant,speech}.jsonl + wavs/
     tokenizer  solver=tokenizer on every utterance (user + assistant)     -> runs/tokenizer/export
     tokenize   tokens for both manifests and every dialogue turn           -> tokens/*.jsonl
+    voiced     `voiced.dialogues` more training dialogues for the LM, rendered (new user voices, each
+               distinct answer once) and tokenized                         -> data/voiced/, tokens/voiced/,
+               tokens/lm_dialogues.jsonl (spoken corpus + voiced dialogues; skipped when 0)
     decoder    solver=decoder (flow) on the assistant voice                -> runs/decoder/export
     vocoder    solver=vocoder (HiFT) on the assistant voice                -> runs/vocoder/export
     lm         solver=lm on the tokenized dialogues                        -> runs/lm/export
@@ -39,10 +42,11 @@ from voicelm.core.paths import CONF_DIR
 
 log = logging.getLogger("voicelm.recipe")
 
-STAGES = ("data", "tokenizer", "tokenize", "decoder", "vocoder", "lm", "export", "eval")
+STAGES = ("data", "tokenizer", "tokenize", "voiced", "decoder", "vocoder", "lm", "export", "eval")
 TRAIN_STAGES = ("tokenizer", "decoder", "vocoder", "lm")
 RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
+LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when voiced.dialogues > 0
 
 
 class RecipeError(RuntimeError):
@@ -99,6 +103,9 @@ def _validate(cfg: dict, path: Path) -> None:
     if not all(isinstance(data.get(k), int) and data[k] >= 0 for k in ("train", "heldout")) or \
             data["train"] + data["heldout"] == 0:
         problems.append(f"data.train and data.heldout must be integers >= 0, not both 0 (got {data})")
+    voiced = cfg.get("voiced") or {}
+    if not isinstance(voiced, dict) or not isinstance(voiced.get("dialogues", 0), int) or voiced.get("dialogues", 0) < 0:
+        problems.append(f"voiced.dialogues must be an integer >= 0 (got {voiced!r})")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         problems.append(f"threads must be null or an integer >= 1 (got {threads!r})")
@@ -155,7 +162,8 @@ class Recipe:
     def stage_settings(self, stage: str) -> dict:
         """What a stage's result depends on in the config (a change is reported when it is skipped)."""
         c = self.cfg
-        section = {"data": c["data"], "tokenize": c["tokenize"], "export": c["pipeline"], "eval": c["eval"],
+        section = {"data": c["data"], "tokenize": c["tokenize"], "voiced": c.get("voiced") or {},
+                   "export": c["pipeline"], "eval": c["eval"],
                    **{name: c["train"][name] for name in TRAIN_STAGES}}[stage]
         return {"seed": c["seed"], "settings": section}
 
@@ -348,6 +356,11 @@ class Recipe:
     def stage_tokenize(self) -> list[Path]:
         self.require("data")
         self.require("tokenizer")
+        return self._tokenize_corpus(self.data_dir, self.tokens_dir)
+
+    def _tokenize_corpus(self, data_dir: Path, tokens_dir: Path) -> list[Path]:
+        """Tokens for `data_dir`'s user.jsonl and assistant.jsonl, and its dialogues.jsonl with every
+        turn's tokens filled in, under `tokens_dir` (audio paths relative to it)."""
         from tokenizer import SpeechTokenizer, tokenize_manifest
         from voicelm.core.manifest import iter_jsonl
 
@@ -356,26 +369,54 @@ class Recipe:
         progress = sys.stderr.isatty()
         outputs = []
         for name in ("user.jsonl", "assistant.jsonl"):
-            log.info("stage tokenize: %s", name)
-            outputs.append(tokenize_manifest(tok, self.data_dir / name, self.tokens_dir / name, batch_size=batch,
+            log.info("tokenize: %s", data_dir / name)
+            outputs.append(tokenize_manifest(tok, data_dir / name, tokens_dir / name, batch_size=batch,
                                              progress=progress))
         tokens = {}
         for path in outputs:
             for _, row in iter_jsonl(path):
-                tokens[os.path.normpath(self.tokens_dir / row["audio"])] = row["tokens"]
+                tokens[os.path.normpath(tokens_dir / row["audio"])] = row["tokens"]
         lines = []
-        for where, dialogue in iter_jsonl(self.data_dir / "dialogues.jsonl"):
+        for where, dialogue in iter_jsonl(data_dir / "dialogues.jsonl"):
             for turn in dialogue["turns"]:
-                audio = os.path.normpath(self.data_dir / turn["audio"])
+                audio = os.path.normpath(data_dir / turn["audio"])
                 if audio not in tokens:
                     raise RecipeError(f"{where}: turn audio {turn['audio']} is in neither user.jsonl nor "
-                                      f"assistant.jsonl; rerun the data stage (--from data)")
+                                      f"assistant.jsonl; rerun the stage that wrote {data_dir}")
                 turn["tokens"] = tokens[audio]
-                turn["audio"] = os.path.relpath(audio, self.tokens_dir)
+                turn["audio"] = os.path.relpath(audio, tokens_dir)
             lines.append(json.dumps(dialogue, ensure_ascii=False) + "\n")
-        dialogues = atomic_write_file(self.tokens_dir / "dialogues.jsonl",
+        dialogues = atomic_write_file(tokens_dir / "dialogues.jsonl",
                                       lambda tmp: Path(tmp).write_text("".join(lines)))
         return [*outputs, dialogues]
+
+    def _voiced_count(self) -> int:
+        return int((self.cfg.get("voiced") or {}).get("dialogues") or 0)
+
+    def stage_voiced(self) -> list[Path]:
+        count = self._voiced_count()
+        if count <= 0:
+            log.info("stage voiced: voiced.dialogues is 0; the LM trains on the spoken corpus alone")
+            return []
+        self.require("tokenize")
+        check_data_tools()
+        from voicelm.core.manifest import iter_jsonl
+        from voicelm.data.dialogues import build_voiced_corpus
+
+        data_dir, tokens_dir = self.data_dir / "voiced", self.tokens_dir / "voiced"
+        build_voiced_corpus(data_dir, count=count, skip=self.cfg["data"]["train"], seed=self.cfg["seed"],
+                            jobs=int(self.cfg["voiced"].get("jobs", self.cfg["data"].get("jobs", 1))),
+                            progress=sys.stderr.isatty())
+        outputs = self._tokenize_corpus(data_dir, tokens_dir)
+        # One LM manifest: the spoken corpus (its held-out split validates the LM) + the voiced dialogues,
+        # their audio paths made relative to tokens/.
+        lines = [line + "\n" for line in (self.tokens_dir / "dialogues.jsonl").read_text().splitlines()]
+        for _, dialogue in iter_jsonl(outputs[-1]):
+            for turn in dialogue["turns"]:
+                turn["audio"] = os.path.relpath(os.path.normpath(tokens_dir / turn["audio"]), self.tokens_dir)
+            lines.append(json.dumps(dialogue, ensure_ascii=False) + "\n")
+        merged = atomic_write_file(self.tokens_dir / LM_DIALOGUES_NAME, lambda tmp: Path(tmp).write_text("".join(lines)))
+        return [*outputs, merged]
 
     def stage_decoder(self) -> list[Path]:
         self.require("tokenize")
@@ -395,6 +436,9 @@ class Recipe:
         from voicelm.data.dialogues import TEXT_DIALOGUES_NAME
 
         manifest = self.tokens_dir / "dialogues.jsonl"
+        if self._voiced_count() > 0:
+            self.require("voiced")
+            manifest = self.tokens_dir / LM_DIALOGUES_NAME
         extra = [f"solver.train_manifest={manifest}", "solver.valid_split=heldout"]
         if int(self.cfg["data"].get("text") or 0) > 0:
             extra.append(f"solver.text_manifest={self.data_dir / TEXT_DIALOGUES_NAME}")

@@ -6,7 +6,8 @@ import pytest
 
 from voicelm.core.manifest import read_manifest
 from voicelm.data.dialogue_text import OPERATIONS, generate_dialogues, number_words
-from voicelm.data.dialogues import build_corpus, write_text_dialogues
+from voicelm.data.dialogues import build_corpus, build_voiced_corpus, plan_corpus, plan_voiced, write_text_dialogues
+from voicelm.data.synth import SynthError
 from voicelm.lm.data import read_dialogues
 
 
@@ -92,3 +93,35 @@ def test_corpus_renders_users_and_a_single_assistant_voice(tmp_path):
         for turn in row["turns"]:
             assert (tmp_path / "corpus" / turn["audio"]).exists()
             assert turn["duration"] > 0.3
+
+
+def test_voiced_dialogues_follow_the_spoken_corpus_and_share_answers():
+    spoken, _, _ = plan_corpus(30, 0, seed=0)
+    voiced, user_items, answer_items = plan_voiced(400, skip=30, seed=0)
+    generated = [ex for _, ex in generate_dialogues(430, "train", 0)][30:]
+    assert [[t["text"] for t in d["turns"]] for d in voiced] == \
+        [[s for ex in exs for s in (ex.user, ex.assistant)] for exs in generated]
+    assert not {d["id"] for d in voiced} & {d["id"] for d in spoken}
+    assert not any(t.get("heldout") for d in voiced for t in d["turns"])
+    # Every user turn is rendered; each distinct answer (text and style) exactly once, and every
+    # assistant turn with that answer points at that one file.
+    assert len(user_items) == sum(len(d["turns"]) for d in voiced) // 2
+    answers = {(t["text"], t["style"]): t["audio"] for d in voiced for t in d["turns"] if t["role"] == "assistant"}
+    assert len(answer_items) == len(answers) < len(user_items)
+    assert {f"wavs/{i.name}.wav" for i in answer_items} == set(answers.values())
+    for d in voiced:
+        for t in d["turns"]:
+            if t["role"] == "assistant":
+                assert t["audio"] == answers[(t["text"], t["style"])]
+
+
+def test_voiced_corpus_renders_and_rejects_nothing_to_do(tmp_path):
+    path = build_voiced_corpus(tmp_path / "voiced", count=2, skip=5, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["id"].startswith("voiced-train-") for r in rows)
+    for row in rows:
+        for turn in row["turns"]:
+            assert (tmp_path / "voiced" / turn["audio"]).exists() and turn["duration"] > 0.3
+    with pytest.raises(SynthError, match="at least one voiced dialogue"):
+        build_voiced_corpus(tmp_path / "none", count=0, skip=5)
+    assert not (tmp_path / "none").exists()

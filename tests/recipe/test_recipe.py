@@ -56,6 +56,12 @@ def test_every_stage_done_with_wall_times(smoke):
     rows = [json.loads(line) for line in (out / "tokens" / "dialogues.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(t["tokens"], list) and t["tokens"] for r in rows for t in r["turns"])
     assert all((out / "tokens" / t["audio"]).exists() for r in rows for t in r["turns"])
+    # The LM trains on the spoken corpus plus the voiced stage's dialogues, every turn tokenized.
+    lm_rows = [json.loads(line) for line in (out / "tokens" / "lm_dialogues.jsonl").read_text().splitlines()]
+    assert lm_rows[:len(rows)] == rows and len(lm_rows) == len(rows) + 3
+    assert all(r["id"].startswith("voiced-") and r["split"] == "train" for r in lm_rows[len(rows):])
+    assert all(t["tokens"] and (out / "tokens" / t["audio"]).exists() for r in lm_rows for t in r["turns"])
+    assert "lm_dialogues.jsonl" in (out / "runs" / "lm" / "config.yaml").read_text()
 
 
 def test_rerun_skips_every_stage(smoke):

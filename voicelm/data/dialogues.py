@@ -23,6 +23,7 @@ Deterministic for a seed: same text, same voices, same audio bytes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -44,6 +45,20 @@ def assistant_voice(style: str) -> Voice:
     return Voice("piper", PIPER_VOICE, length_scale=ASSISTANT_LENGTH_SCALE[style])
 
 
+def _exchange_turns(ex, user_audio: str | None = None, assistant_audio: str | None = None) -> list[dict]:
+    """The user and assistant turn rows of one exchange; audio-less (text-only) when no paths are given."""
+    user = {"role": "user", "text": ex.user}
+    assistant = {"role": "assistant", "text": ex.assistant}
+    if user_audio is not None:
+        user.update(audio=user_audio, tokens=None)
+        assistant.update(audio=assistant_audio, tokens=None)
+    user["task"] = ex.task
+    assistant.update(task=ex.task, style=ex.style, answer=ex.answer)
+    if user_audio is not None:
+        assistant["heldout"] = ex.split == "heldout"
+    return [user, assistant]
+
+
 def plan_corpus(train: int, heldout: int, seed: int) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
     """Dialogue rows (without audio durations) and the user / assistant utterances to render."""
     voice_rng = random.Random(f"voices:{seed}")
@@ -61,12 +76,39 @@ def plan_corpus(train: int, heldout: int, seed: int) -> tuple[list[dict], list[S
                 assistant_items.append(SynthItem(ex.assistant, assistant_voice(ex.style),
                                                  {"split": split, "dialogue": dialogue_id, "turn": 2 * k + 1,
                                                   "style": ex.style}, name=assistant_name))
-                turns.append({"role": "user", "text": ex.user, "audio": f"wavs/{user_name}.wav", "tokens": None,
-                              "task": ex.task})
-                turns.append({"role": "assistant", "text": ex.assistant, "audio": f"wavs/{assistant_name}.wav",
-                              "tokens": None, "task": ex.task, "style": ex.style, "answer": ex.answer,
-                              "heldout": ex.split == "heldout"})
+                turns += _exchange_turns(ex, f"wavs/{user_name}.wav", f"wavs/{assistant_name}.wav")
             dialogues.append({"id": dialogue_id, "split": split, "speaker": user_voice.speaker, "turns": turns})
+    return dialogues, user_items, assistant_items
+
+
+def assistant_audio_name(text: str, style: str) -> str:
+    """One file per distinct answer and style: the voiced corpus renders each answer once."""
+    return "answer-" + hashlib.sha1(f"{style}|{text}".encode()).hexdigest()[:16]
+
+
+def plan_voiced(count: int, skip: int, seed: int) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
+    """`count` more training dialogues, the generator's dialogues after the spoken corpus's first `skip`
+    (so none repeats a spoken-corpus dialogue and held-out combinations never occur), with new user
+    voices drawn as in `plan_corpus`, and each distinct assistant answer (text + style) rendered once."""
+    voice_rng = random.Random(f"voiced-voices:{seed}")
+    dialogues, user_items, assistant_items, answers = [], [], [], set()
+    for index, (dialogue_id, exchanges) in enumerate(generate_dialogues(skip + count, "train", seed)):
+        if index < skip:
+            continue
+        dialogue_id = f"voiced-{dialogue_id}"
+        engine = "piper" if voice_rng.random() < PIPER_USER_SHARE else "espeak"
+        user_voice = sample_voice(voice_rng, engine)
+        turns = []
+        for k, ex in enumerate(exchanges):
+            user_name, assistant_name = f"{dialogue_id}_{k}_user", assistant_audio_name(ex.assistant, ex.style)
+            user_items.append(SynthItem(ex.user, user_voice, {"split": "train", "dialogue": dialogue_id,
+                                                              "turn": 2 * k}, name=user_name))
+            if assistant_name not in answers:
+                answers.add(assistant_name)
+                assistant_items.append(SynthItem(ex.assistant, assistant_voice(ex.style),
+                                                 {"split": "train", "style": ex.style}, name=assistant_name))
+            turns += _exchange_turns(ex, f"wavs/{user_name}.wav", f"wavs/{assistant_name}.wav")
+        dialogues.append({"id": dialogue_id, "split": "train", "speaker": user_voice.speaker, "turns": turns})
     return dialogues, user_items, assistant_items
 
 
@@ -75,8 +117,25 @@ def build_corpus(out_dir: str | Path, *, train: int, heldout: int, seed: int = 0
     """Render the corpus into `out_dir`; returns the path of dialogues.jsonl (written last)."""
     if train < 0 or heldout < 0 or train + heldout == 0:
         raise SynthError(f"ask for at least one dialogue (train={train}, heldout={heldout})")
-    out_dir = Path(out_dir)
-    dialogues, user_items, assistant_items = plan_corpus(train, heldout, seed)
+    return _render_corpus(Path(out_dir), *plan_corpus(train, heldout, seed), seed=seed, jobs=jobs,
+                          progress=progress)
+
+
+def build_voiced_corpus(out_dir: str | Path, *, count: int, skip: int, seed: int = 0, jobs: int = 1,
+                        progress: bool = False) -> Path:
+    """Render `plan_voiced(count, skip, seed)` into `out_dir` (the spoken corpus's layout: dialogues.jsonl,
+    user.jsonl, assistant.jsonl, wavs/); returns the path of dialogues.jsonl (written last).
+
+    The LM needs far more dialogues than the tokenizer and decoder: the recipe's `voiced` stage uses this
+    to give it `count` more spoken dialogues at the cost of rendering the new user turns (espeak-ng, fast)
+    and each distinct answer once (piper)."""
+    if count < 1 or skip < 0:
+        raise SynthError(f"ask for at least one voiced dialogue after skip >= 0 (count={count}, skip={skip})")
+    return _render_corpus(Path(out_dir), *plan_voiced(count, skip, seed), seed=seed, jobs=jobs, progress=progress)
+
+
+def _render_corpus(out_dir: Path, dialogues: list[dict], user_items: list[SynthItem],
+                   assistant_items: list[SynthItem], *, seed: int, jobs: int, progress: bool) -> Path:
     user_manifest = synthesize_manifest(user_items, out_dir, jobs=jobs, seed=seed, manifest_name="user.jsonl",
                                         progress=progress)
     assistant_manifest = synthesize_manifest(assistant_items, out_dir, jobs=jobs, seed=seed,
@@ -97,11 +156,7 @@ def write_text_dialogues(path: str | Path, count: int, seed: int = 0) -> Path:
         raise SynthError(f"ask for at least one text dialogue (text={count})")
     rows = []
     for dialogue_id, exchanges in generate_dialogues(count, "train", seed):
-        turns = []
-        for ex in exchanges:
-            turns.append({"role": "user", "text": ex.user, "task": ex.task})
-            turns.append({"role": "assistant", "text": ex.assistant, "task": ex.task, "style": ex.style,
-                          "answer": ex.answer})
+        turns = [turn for ex in exchanges for turn in _exchange_turns(ex)]
         rows.append({"id": f"text-{dialogue_id}", "split": "train", "turns": turns})
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return atomic_write_file(Path(path), lambda tmp: Path(tmp).write_text(lines))
