@@ -206,6 +206,17 @@ class ConditionalUNet1D(nn.Module):
             )
         self.final_block = ConvNormMish(up_widths[-1], up_widths[-1], local)
         self.final_proj = nn.Conv1d(up_widths[-1], config.n_mels, 1)
+        self.input_shortcut = None
+        if config.input_shortcut:
+            # Initialised to v = mu - x: the straight path from x toward the condition, which is the
+            # exact field at t = 0 once mu approximates the mel (the prior loss); the U-Net learns the rest.
+            self.input_shortcut = nn.Conv1d(in_channels, config.n_mels, 1)
+            with torch.no_grad():
+                self.input_shortcut.weight.zero_()
+                self.input_shortcut.bias.zero_()
+                eye = torch.eye(config.n_mels)
+                self.input_shortcut.weight[:, : config.n_mels, 0] = -eye  # x
+                self.input_shortcut.weight[:, config.n_mels: 2 * config.n_mels, 0] = eye  # mu
 
     @staticmethod
     def _attention_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -225,6 +236,7 @@ class ConditionalUNet1D(nn.Module):
         time_emb = self.time_mlp(sinusoidal_time_embedding(t, self.in_channels))  # (B, 4*C0)
         frames = x.shape[-1]
         h = torch.cat([x, mu, spk[:, :, None].expand(-1, -1, frames), cond], dim=1)  # (B, 320, T)
+        shortcut = self.input_shortcut(h * mask) if self.input_shortcut is not None else 0.0  # (B, 80, T)
 
         skips, masks = [], [mask]
         for resnet, transformers, downsample in self.down_blocks:
@@ -246,4 +258,4 @@ class ConditionalUNet1D(nn.Module):
             h = self._run_transformers(transformers, h, level_mask)
             h = upsample(h * level_mask)
         h = self.final_block(h, level_mask)
-        return self.final_proj(h * level_mask) * mask
+        return (self.final_proj(h * level_mask) + shortcut) * mask

@@ -319,9 +319,14 @@ def item_seed(seed: int, name: str, text: str, speaker: str) -> int:
 
 
 def _init_worker() -> None:
+    import signal
+
     import torch
 
     torch.set_num_threads(1)  # one process per core; more threads would only contend
+    # Forked workers inherit the parent's handlers (the recipe turns SIGTERM into KeyboardInterrupt):
+    # the pool stops its workers with SIGTERM when it closes, which must end them quietly.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _render_task(task: tuple[str, Voice, str, int | None, int]) -> RenderResult:
