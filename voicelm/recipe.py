@@ -515,12 +515,15 @@ def check_data_tools() -> None:
 
 
 def run_recipe(preset: str, overrides: list[str] = (), *, stages: str | None = None,
-               from_stage: str | None = None) -> dict:
-    """Python entry point: load the preset, apply overrides, run the chosen stages; returns status.json's dict."""
+               from_stage: str | None = None, resume: bool = False) -> dict:
+    """Python entry point: load the preset, apply overrides, run the chosen stages; returns status.json's dict.
+
+    Naming stages (`stages`, `from_stage`) means "run these again": they rerun from scratch even if
+    done, unless `resume`, which keeps done stages and continues unfinished training runs from their
+    last checkpoint (how one stage of a run split over several processes is continued)."""
     cfg = load_recipe_config(preset, list(overrides))
     chosen = select_stages(stages, from_stage)
-    # Naming stages means "run these again": they rerun from scratch even if done.
-    return Recipe(cfg).run(chosen, force=from_stage is not None or stages is not None)
+    return Recipe(cfg).run(chosen, force=(from_stage is not None or stages is not None) and not resume)
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -533,6 +536,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a hydra override for one training stage, e.g. lm:solver.steps=50)")
     parser.add_argument("--stages", help=f"comma-separated stages to (re)run, of {','.join(STAGES)}")
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and every later one")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --stages/--from: skip the chosen stages that are done and continue unfinished "
+                             "training runs from their last checkpoint, instead of starting them over")
 
 
 def _interrupt_on_signals() -> None:
@@ -553,12 +559,14 @@ def main(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("voicelm").setLevel(logging.INFO)
     try:
-        status = run_recipe(args.preset, args.overrides, stages=args.stages, from_stage=args.from_stage)
+        status = run_recipe(args.preset, args.overrides, stages=args.stages, from_stage=args.from_stage,
+                            resume=args.resume)
     except RecipeError as exc:
         print(f"voicelm recipe: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("voicelm recipe: interrupted; run the same command again to resume", file=sys.stderr)
+        again = "the same command" if args.resume or not (args.stages or args.from_stage) else "it with --resume"
+        print(f"voicelm recipe: interrupted; run {again} to continue where it stopped", file=sys.stderr)
         return 130
     except Exception as exc:  # a stage failed: status.json and recipe.log say which
         print(f"voicelm recipe: error: {type(exc).__name__}: {exc}", file=sys.stderr)

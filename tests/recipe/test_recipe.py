@@ -186,3 +186,22 @@ def test_sigterm_marks_the_running_stage_interrupted(tmp_path, monkeypatch):
     entry = json.loads((tmp_path / "status.json").read_text())["stages"]["data"]
     assert entry["state"] == "interrupted" and entry["wall_seconds"] >= 0.3
     assert not (tmp_path / "stages" / "data.done.json").exists()
+
+
+def test_resume_continues_the_named_stages_instead_of_starting_over(tmp_path, monkeypatch):
+    """`--stages lm --resume` is how one stage of a run split over processes continues after a kill:
+    a done stage stays done, an unfinished training run resumes (resume=true), never starts over."""
+    from voicelm.recipe import Recipe
+
+    calls = []
+
+    def stage_data(self):
+        calls.append(self.fresh)
+        return []
+
+    monkeypatch.setattr(Recipe, "stage_data", stage_data)
+    out = [f"out_dir={tmp_path}"]
+    run_recipe("smoke", out, stages="data", resume=True)  # not done yet: runs, continuing any checkpoint
+    run_recipe("smoke", out, stages="data", resume=True)  # done: skipped
+    run_recipe("smoke", out, stages="data")  # named without --resume: from scratch
+    assert calls == [False, True]
