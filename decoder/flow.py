@@ -71,8 +71,8 @@ class FlowConfig:
     unet_dropout: float = 0.0
     frame_local_norm: bool = False  # True: per-frame group norm (streamable); False: official
     # True: + a 1x1 conv from the stacked inputs (x, mu, speaker, prompt) straight to the output,
-    # zero-initialised. Every other path ends in a group norm, which a small model on a short run
-    # cannot learn to see through (it learns v = mu - x, the bulk of the field, only very slowly);
+    # initialised to v = mu - x. Every other path ends in a group norm, which a small model on a short
+    # run cannot learn to see through (it learns v = mu - x, the bulk of the field, only very slowly);
     # this linear shortcut carries that part at once. False: official (GLM-4-Voice flow.pt).
     input_shortcut: bool = False
     # conditional flow matching
