@@ -69,8 +69,13 @@ def setup(device_choice: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized_here)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, *, synchronize: bool = False) -> None:
+    """Leave the process group this process joined. `synchronize=True` (every rank finished
+    normally) first waits at a barrier: a rank that destroyed the group while another still had
+    gloo work in flight made that rank abort ("terminate called without an active exception")."""
     if info.initialized_here and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

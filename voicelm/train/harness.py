@@ -79,10 +79,15 @@ def train(cfg: DictConfig, *, stop_after: int | None = None) -> RunResult:
         raise ValueError(f"stop_after must be a positive step number, got {stop_after}")
     _ensure_log_handler()
     info = distributed.setup(run.device)
+    finished = False
     try:
-        return _Trainer(cfg, run, optim, solver_cls, info).run(stop_after)
+        result = _Trainer(cfg, run, optim, solver_cls, info).run(stop_after)
+        finished = True
+        return result
     finally:
-        distributed.teardown(info)
+        # Ranks that all got here normally wait for each other before the process group goes;
+        # after an error on one rank a barrier could hang, so the group is just torn down.
+        distributed.teardown(info, synchronize=finished)
 
 
 def lr_factor(step: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
