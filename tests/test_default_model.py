@@ -70,7 +70,7 @@ def test_typed_question_gets_the_right_answer_in_text_and_speech(pipeline, judge
     assert "twelve" in text.lower(), text
     assert len(audio) / pipeline.sample_rate > 0.5
     heard = transcribe(judge, audio, pipeline.sample_rate)
-    assert normalized_wer([text], [heard]) <= 0.25, (text, heard)  # Whisper's normalizer: digits on both sides
+    assert normalized_wer([text], [heard]) <= 0.25, (text, heard)  # spoken_words on both sides: numbers as digits
 
 
 def test_spoken_question_gets_the_right_answer(pipeline, tmp_path):

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from voicelm.core.checkpoint import atomic_write_file
+from voicelm.core.textnorm import spoken_words
 
 REPORT_VERSION = 1
 REPORT_JSON = "report.json"
@@ -51,57 +51,11 @@ class EvaluationError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Scoring text: pure functions
 
-_ONES = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen".split())}
-_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
-_WORD_OR_MARK = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[,.;:!?]")
-
-
-def _below_hundred(words: Sequence[str], i: int) -> tuple[int, int] | None:
-    """A number 0..99 spelled at words[i:] ("twenty one", "seven", "42") -> (value, next index)."""
-    if i >= len(words):
-        return None
-    word = words[i]
-    if word in _TENS:
-        value = _TENS[word]
-        if i + 1 < len(words) and 1 <= _ONES.get(words[i + 1], 0) <= 9:
-            return value + _ONES[words[i + 1]], i + 2
-        return value, i + 1
-    if word in _ONES:
-        return _ONES[word], i + 1
-    return None
-
-
-def _read_number(words: Sequence[str], i: int) -> tuple[int, int] | None:
-    word = words[i]
-    if word.isdigit():
-        return int(word), i + 1
-    if 1 <= _ONES.get(word, 0) <= 9 and i + 1 < len(words) and words[i + 1] == "hundred":
-        rest = _below_hundred(words, i + 2)
-        if rest is None:
-            return 100 * _ONES[word], i + 2
-        return 100 * _ONES[word] + rest[0], rest[1]
-    return _below_hundred(words, i)
-
-
 def normalize_answer_words(text: str) -> list[str]:
-    """Words of `text` for answer matching: lower case, punctuation gone, every number (words or
-    digits, up to 999) as digits. Punctuation separates numbers, so a count "one, two, three"
-    stays three numbers while "twenty one" is one."""
-    tokens = _WORD_OR_MARK.findall(text.lower())
-    words: list[str] = []
-    i = 0
-    while i < len(tokens):
-        number = None if tokens[i] in ",.;:!?" else _read_number(tokens, i)
-        if number is not None:
-            words.append(str(number[0]))
-            i = number[1]
-            continue
-        if tokens[i] not in ",.;:!?":
-            words.append(tokens[i])
-        i += 1
-    return words
+    """Words of `text` for answer matching (`voicelm.core.textnorm.spoken_words`): lower case,
+    punctuation gone, every number (words or digits, up to 999) as digits. Punctuation separates
+    numbers, so a count "one, two, three" stays three numbers while "twenty one" is one."""
+    return spoken_words(text)
 
 
 def _same_kind(word: str, other: str) -> bool:
@@ -299,6 +253,14 @@ def _round_trip(pipeline, judge, path: Path) -> tuple[str, int]:
     return _transcribe(judge, decoded, pipeline.sample_rate), int(tokens.numel())
 
 
+def _transcribe_file(judge, path: Path) -> str:
+    """What the judge hears in an audio file as it is: the floor of the round-trip figures."""
+    from voicelm.core.audio import load_audio
+
+    wav = load_audio(path, 16000)
+    return _transcribe(judge, wav.reshape(-1).numpy(), 16000)
+
+
 def _accuracy(rows: list[dict]) -> dict[str, Any]:
     def count(selected: list[dict]) -> dict[str, Any]:
         correct = sum(r["correct"] for r in selected)
@@ -313,6 +275,12 @@ def _accuracy(rows: list[dict]) -> dict[str, Any]:
 
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
+
+
+def _round_trip_wer(rows: list[dict], key: str) -> float | None:
+    """WER of the round-trip transcripts `key` against the reference assistant text."""
+    kept = [r for r in rows if r["round_trip"].get(key) is not None]
+    return _wer_or_none([r["reference"] for r in kept], [r["round_trip"][key] for r in kept])
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -336,10 +304,9 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         "round_trip_wer": {
             "user": _wer_or_none([r["user_text"] for r in with_round_trip],
                                  [r["round_trip"]["user_transcript"] for r in with_round_trip]),
-            "assistant": _wer_or_none(
-                [r["reference"] for r in with_round_trip if r["round_trip"]["assistant_transcript"] is not None],
-                [r["round_trip"]["assistant_transcript"] for r in with_round_trip
-                 if r["round_trip"]["assistant_transcript"] is not None]),
+            "assistant": _round_trip_wer(with_round_trip, "assistant_transcript"),
+            # the judge on the original assistant audio: what the round trip is measured against
+            "assistant_source": _round_trip_wer(with_round_trip, "assistant_source_transcript"),
         },
         "latency": {
             "first_audio_p50": _percentile(first_audio, 50), "first_audio_p90": _percentile(first_audio, 90),
@@ -389,6 +356,7 @@ def render_markdown(report: dict) -> str:
         f"| WER spoken answer vs reference | {_fmt_pct(wer['spoken_vs_reference'])} |",
         f"| tokenizer round trip WER, user speech | {_fmt_pct(rt['user'])} |",
         f"| tokenizer round trip WER, assistant speech | {_fmt_pct(rt['assistant'])} |",
+        f"| judge's WER on the original assistant speech (floor) | {_fmt_pct(rt.get('assistant_source'))} |",
         f"| first-audio latency P50 / P90 | {_fmt_ms(lat['first_audio_p50'])} / {_fmt_ms(lat['first_audio_p90'])} |",
         "| real-time factor (compute / audio) | " +
         ("n/a (no audio)" if rtf["total"] is None else f"{rtf['total']:.2f} (LM {rtf['lm']:.2f}, decoder "
@@ -484,11 +452,13 @@ def evaluate_pipeline(
             }
             if round_trip:
                 user_transcript, user_tokens = _round_trip(pipeline, judge_model, exchange.user_audio)
-                assistant_transcript = None
+                assistant_transcript = source_transcript = None
                 if exchange.assistant_audio is not None:
                     assistant_transcript, _ = _round_trip(pipeline, judge_model, exchange.assistant_audio)
+                    source_transcript = _transcribe_file(judge_model, exchange.assistant_audio)
                 row["round_trip"] = {"user_transcript": user_transcript, "user_tokens": user_tokens,
-                                     "assistant_transcript": assistant_transcript}
+                                     "assistant_transcript": assistant_transcript,
+                                     "assistant_source_transcript": source_transcript}
             dialogue_rows.append(row)
         rows.extend(dialogue_rows)
         report_dialogues.append({"id": dialogue.id, "split": dialogue.split, "speaker": dialogue.speaker,

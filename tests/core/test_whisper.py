@@ -238,3 +238,13 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert convert_main(parser.parse_args([str(tmp_path), str(tmp_path / "x.pt")])) == 1
     assert "no model.bin" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_normalized_wer_reads_spoken_counts_and_operator_signs_as_said():
+    # Whisper writes "15-12" and "13x20" for spoken operators, and a count's numbers must stay apart
+    assert normalized_wer(["fifteen minus twelve is three."], ["15-12 is 3."]) == 0.0
+    assert normalized_wer(["thirteen times twenty is two hundred sixty."], ["13x20 is 260."]) == 0.0
+    assert normalized_wer(["zero, one, two."], ["0, 1, 2."]) == 0.0
+    assert normalized_wer(["seventeen, eighteen, nineteen."], ["17, 18"]) == pytest.approx(1 / 3)
+    assert normalized_wer(["pig is spelled p, i, g."], ["Pig is spelled P-I-G."]) == 0.0
+    assert normalized_wer(["fifteen minus twelve"], ["fifteen plus twelve"]) == pytest.approx(1 / 3)

@@ -234,21 +234,22 @@ def transcribe(model, audio, sample_rate: int, *, language: str = "en") -> str:
 
 
 def normalized_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus word error rate after Whisper's English normalizer on both sides.
+    """Corpus word error rate after `voicelm.core.textnorm.spoken_words` on both sides.
 
-    The normalizer spells numbers as digits, drops punctuation and case, so "seven plus five"
-    and "7 plus 5?" count as equal: the score measures words, not formatting.
+    Numbers become digits (one per spoken number), punctuation and case go, and the signs
+    Whisper writes for spoken operators become words, so "fifteen minus twelve is three" and
+    "15-12 is 3." count as equal: the score measures words, not formatting.
     """
     import jiwer
-    from whisper.normalizers import EnglishTextNormalizer
+
+    from voicelm.core.textnorm import spoken_words
 
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
         raise ValueError("no transcripts to score")
-    normalize = EnglishTextNormalizer()
-    refs = [normalize(r) for r in references]
-    hyps = [normalize(h) for h in hypotheses]
+    refs = [" ".join(spoken_words(r)) for r in references]
+    hyps = [" ".join(spoken_words(h)) for h in hypotheses]
     if not any(refs):
         raise ValueError("every reference is empty after normalization")
     # jiwer refuses empty references; an empty pair (nothing said, nothing heard) is no error.
