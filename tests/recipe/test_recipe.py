@@ -205,3 +205,18 @@ def test_resume_continues_the_named_stages_instead_of_starting_over(tmp_path, mo
     run_recipe("smoke", out, stages="data", resume=True)  # done: skipped
     run_recipe("smoke", out, stages="data")  # named without --resume: from scratch
     assert calls == [False, True]
+
+
+def test_a_done_training_stage_with_raised_steps_continues_and_a_done_data_stage_does_not_rerun(tmp_path, monkeypatch):
+    """Raising `STAGE:solver.steps` after a stage finished continues its run from the last
+    checkpoint (the harness's resume=true); changed data settings never silently re-render."""
+    from voicelm.recipe import Recipe
+
+    calls = []
+    monkeypatch.setattr(Recipe, "stage_data", lambda self: calls.append(("data", self.fresh)) or [])
+    monkeypatch.setattr(Recipe, "stage_vocoder", lambda self: calls.append(("vocoder", self.fresh)) or [])
+    out = [f"out_dir={tmp_path}"]
+    run_recipe("smoke", out, stages="data,vocoder", resume=True)
+    run_recipe("smoke", out, stages="data,vocoder", resume=True)  # same settings: both skipped
+    run_recipe("smoke", [*out, "data.train=7", "vocoder:solver.steps=999"], stages="data,vocoder", resume=True)
+    assert calls == [("data", False), ("vocoder", False), ("vocoder", False)]
