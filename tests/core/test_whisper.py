@@ -248,3 +248,8 @@ def test_normalized_wer_reads_spoken_counts_and_operator_signs_as_said():
     assert normalized_wer(["seventeen, eighteen, nineteen."], ["17, 18"]) == pytest.approx(1 / 3)
     assert normalized_wer(["pig is spelled p, i, g."], ["Pig is spelled P-I-G."]) == 0.0
     assert normalized_wer(["fifteen minus twelve"], ["fifteen plus twelve"]) == pytest.approx(1 / 3)
+    # a count written without separators is the count; a wrong or partial digit run is not
+    assert normalized_wer(["seventeen, eighteen, nineteen, twenty."], ["17181920."]) == 0.0
+    assert normalized_wer(["zero, one, two."], ["012"]) == 0.0
+    assert normalized_wer(["seventeen, eighteen, nineteen, twenty."], ["17181921."]) == 1.0
+    assert normalized_wer(["one hundred twenty six"], ["1206"]) == 1.0

@@ -6,6 +6,10 @@ number (words or digits, up to 999) as digits, and the arithmetic signs Whisper 
 spoken operators ("15-12", "13x20", "5 + 7") as the words that were said. Punctuation separates
 numbers, so the count "zero, one, two" stays three numbers ("0 1 2") while "twenty one" is one.
 
+`split_joined_numbers(heard, said)`: Whisper sometimes writes a quickly spoken count without
+separators ("17181920" for "seventeen, eighteen, nineteen, twenty"); a digit run that is exactly
+a run of the reference's numbers written together is split back into them before scoring.
+
 Whisper's own `EnglishTextNormalizer` is not used for numbers: it joins a spoken count into one
 number ("seventeen, eighteen, nineteen" -> "171819") and reads "minus twelve" as "-12", while
 Whisper writes "15-12" for "fifteen minus twelve"; both made correct speech score as errors.
@@ -48,8 +52,6 @@ def _below_hundred(words: Sequence[str], i: int) -> tuple[int, int] | None:
 
 def _read_number(words: Sequence[str], i: int) -> tuple[int, int] | None:
     word = words[i]
-    if word.isdigit():
-        return int(word), i + 1
     if 1 <= _ONES.get(word, 0) <= 9 and i + 1 < len(words) and words[i + 1] == "hundred":
         rest = _below_hundred(words, i + 2)
         if rest is None:
@@ -74,6 +76,10 @@ def spoken_words(text: str) -> list[str]:
     words: list[str] = []
     i = 0
     while i < len(tokens):
+        if tokens[i].isdigit():  # as written: "012" may be a count said without pauses
+            words.append(tokens[i])
+            i += 1
+            continue
         number = None if tokens[i] in _MARKS else _read_number(tokens, i)
         if number is not None:
             words.append(str(number[0]))
@@ -84,3 +90,33 @@ def spoken_words(text: str) -> list[str]:
         i += 1
     spelling = _spelling()
     return [spelling(w) for w in words]
+
+
+def split_joined_numbers(heard: Sequence[str], said: Sequence[str]) -> list[str]:
+    """`heard` (spoken_words of a transcript) with every digit run that is not itself a number of
+    `said` but equals two or more consecutive numbers of `said` written together replaced by
+    those numbers ("17181920" -> "17 18 19 20" when "17 18 19 20" was said)."""
+    said_set = set(said)
+    out: list[str] = []
+    for word in heard:
+        if word.isdigit() and word not in said_set:
+            run = _joined_run(word, said)
+            if run is not None:
+                out.extend(run)
+                continue
+        out.append(word)
+    return out
+
+
+def _joined_run(word: str, said: Sequence[str]) -> list[str] | None:
+    for start in range(len(said)):
+        joined = ""
+        for end in range(start, len(said)):
+            if not said[end].isdigit():
+                break
+            joined += said[end]
+            if len(joined) >= len(word):
+                if joined == word and end > start:
+                    return list(said[start:end + 1])
+                break
+    return None

@@ -238,18 +238,20 @@ def normalized_wer(references: list[str], hypotheses: list[str]) -> float:
 
     Numbers become digits (one per spoken number), punctuation and case go, and the signs
     Whisper writes for spoken operators become words, so "fifteen minus twelve is three" and
-    "15-12 is 3." count as equal: the score measures words, not formatting.
+    "15-12 is 3." count as equal, and a count Whisper wrote without separators ("171819") is
+    split into the reference's numbers: the score measures words, not formatting.
     """
     import jiwer
 
-    from voicelm.core.textnorm import spoken_words
+    from voicelm.core.textnorm import split_joined_numbers, spoken_words
 
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
         raise ValueError("no transcripts to score")
-    refs = [" ".join(spoken_words(r)) for r in references]
-    hyps = [" ".join(spoken_words(h)) for h in hypotheses]
+    said = [spoken_words(r) for r in references]
+    refs = [" ".join(words) for words in said]
+    hyps = [" ".join(split_joined_numbers(spoken_words(h), words)) for h, words in zip(hypotheses, said)]
     if not any(refs):
         raise ValueError("every reference is empty after normalization")
     # jiwer refuses empty references; an empty pair (nothing said, nothing heard) is no error.
