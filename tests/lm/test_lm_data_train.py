@@ -235,3 +235,27 @@ def test_length_grouped_batches_keep_size_and_cut_padding():
     assert abs(grouped_real / plain_real - 1) < 0.3   # the same mixture of tasks, only batched differently
     again, _, _ = run(8)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again))  # resumable
+
+
+def test_token_budget_batches_hold_many_short_samples_or_few_long_ones():
+    from voicelm.lm.data import LMSample, MixtureBatches
+
+    def pool(task, lengths):
+        return [LMSample([1] * n, [1] * n, task, f"{task}{i}") for i, n in enumerate(lengths)]
+
+    samples = {"text": pool("text", range(20, 40)), "dialogue": pool("dialogue", range(200, 300, 5)),
+               "long": pool("long", [900])}
+    batches = MixtureBatches(samples, {"text": 4.0, "dialogue": 1.0, "long": 0.1}, 16, 0, 60, seed=1, group=4,
+                             batch_tokens=1000)
+    out = list(batches)
+    assert len(out) == 60  # batches_per_epoch still counts batches
+    for b in out:
+        rows, width = b["input_ids"].shape
+        assert rows * width <= 1000 or rows == 1  # a sample over the budget goes alone
+    rows_by_width = [(b["input_ids"].shape[1], b["input_ids"].shape[0]) for b in out]
+    assert max(r for w, r in rows_by_width if w < 40) >= 25 and max(r for w, r in rows_by_width if w >= 200) <= 5
+    batches.set_epoch(0)
+    again = list(batches)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(out, again))
+    with pytest.raises(ValueError, match="batch_tokens"):
+        MixtureBatches(samples, {"text": 1.0}, 16, 0, 10, batch_tokens=0)

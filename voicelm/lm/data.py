@@ -342,10 +342,18 @@ class MixtureBatches:
     `group` > 1 draws the samples of `group` batches at once, sorts them by length and cuts them
     into batches (yielded in random order): the same samples and batch size, far less padding
     when short samples (text, ASR) mix with long ones (multi-turn dialogues).
+
+    `batch_tokens` cuts the sorted samples by size instead: each batch holds as many samples as
+    fit in `batch_tokens` padded tokens (at least one), so a step costs about the same whether it
+    holds 100 short text samples or 12 long dialogues. Samples are still drawn `batch_size` x
+    `group` at a time by the task weights (the weights stay shares of samples, not of tokens).
     """
 
     def __init__(self, samples: Mapping[str, Sequence[LMSample]], weights: Mapping[str, float], batch_size: int,
-                 pad_id: int, batches_per_epoch: int, seed: int = 0, rank: int = 0, group: int = 1):
+                 pad_id: int, batches_per_epoch: int, seed: int = 0, rank: int = 0, group: int = 1,
+                 batch_tokens: int | None = None):
+        if batch_tokens is not None and batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be a positive number of tokens, got {batch_tokens}")
         self.tasks = [t for t in samples if samples[t] and float(weights.get(t, 0.0)) > 0]
         if not self.tasks:
             raise ValueError(f"no training samples for any task with a positive weight (weights {dict(weights)}, "
@@ -358,6 +366,7 @@ class MixtureBatches:
         self.seed = seed
         self.rank = rank
         self.group = max(1, int(group))
+        self.batch_tokens = None if batch_tokens is None else int(batch_tokens)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -375,13 +384,31 @@ class MixtureBatches:
             n = min(self.group, left)
             tasks = rng.choices(self.tasks, weights=self.weights, k=self.batch_size * n)
             drawn = [rng.choice(self.samples[t]) for t in tasks]
-            if n > 1:
+            if n > 1 or self.batch_tokens is not None:
                 drawn.sort(key=len)
-            batches = [drawn[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n)]
+            if self.batch_tokens is None:
+                batches = [drawn[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n)]
+            else:
+                batches = _cut_by_tokens(drawn, self.batch_tokens)
             rng.shuffle(batches)
-            for batch in batches:
+            for batch in batches[:left]:
                 yield collate(batch, self.pad_id)
-            left -= n
+            left -= min(len(batches), left)
+
+
+def _cut_by_tokens(ordered: Sequence[LMSample], budget: int) -> list[list[LMSample]]:
+    """Consecutive runs of length-sorted samples, each padded to at most `budget` tokens (a
+    single sample longer than the budget is a batch of its own)."""
+    batches: list[list[LMSample]] = []
+    current: list[LMSample] = []
+    for sample in ordered:
+        if current and (len(current) + 1) * len(sample) > budget:
+            batches.append(current)
+            current = []
+        current.append(sample)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def fixed_batches(samples: Sequence[LMSample], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

@@ -138,7 +138,8 @@ class LMSolver(Solver):
         per_epoch = int(s.get("batches_per_epoch") or max(1, math.ceil(total / batch_size)))
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         train = MixtureBatches(samples, weights, batch_size, self.vocab.pad_id, per_epoch,
-                               seed=int(s.get("seed", 0)), rank=rank, group=int(s.get("length_group", 1) or 1))
+                               seed=int(s.get("seed", 0)), rank=rank, group=int(s.get("length_group", 1) or 1),
+                               batch_tokens=int(s["batch_tokens"]) if s.get("batch_tokens") else None)
         valid = None
         if self.valid_dialogues:
             valid_builder = SampleBuilder(self.vocab, self.tokenizer,
