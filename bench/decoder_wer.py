@@ -1,0 +1,127 @@
+"""Where does the decoder lose words? Whisper word error of one recipe run's assistant speech
+through each half of the decoder, side by side, on the stored tokens of held-out answers.
+
+    .venv/bin/python bench/decoder_wer.py --pipeline runs/recipe-demo/shipped-candidate/demo-v3 \
+        --recipe-dir runs/recipe-demo [--count 16] [--flow CKPT] [--vocoder CKPT] [--steps 10] [--cfg 0.7]
+
+Rows (each scored with `normalized_wer` against the reference answer text, Whisper base judge):
+  piper audio            the recorded assistant audio itself: the judge's own floor
+  HiFT(true mel)         the pipeline's vocoder on the mel of that audio (copy synthesis)
+  Griffin-Lim(true mel)  the same mel through Griffin-Lim: what the mel itself still says
+  flow -> HiFT           the pipeline's decoder on the answer's stored speech tokens
+  flow -> Griffin-Lim    the flow's mel through Griffin-Lim: the flow alone, without HiFT
+The flow rows also print the mean L1 distance of the sampled mel to the true mel.
+
+`--flow` / `--vocoder` load weights from a training checkpoint (`runs/decoder/checkpoints/last/
+model.safetensors`, `runs/vocoder/checkpoints/last/model.safetensors`) into the pipeline's
+decoder, to compare checkpoints while they train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROWS = ("piper audio", "HiFT(true mel)", "Griffin-Lim(true mel)", "flow -> HiFT", "flow -> Griffin-Lim")
+
+
+def _load_weights(decoder, flow: Path | None, vocoder: Path | None) -> None:
+    from safetensors.torch import load_file
+
+    if flow is not None:
+        state = {k.removeprefix("flow."): v for k, v in load_file(str(flow)).items() if not k.startswith("vocoder.")}
+        decoder.flow.load_state_dict(state)
+    if vocoder is not None:
+        state = load_file(str(vocoder))
+        state = {k.removeprefix("generator."): v for k, v in state.items() if not k.startswith("discriminator.")}
+        decoder.vocoder.load_state_dict({k.removeprefix("vocoder."): v for k, v in state.items()})
+
+
+def _held_out_answers(recipe_dir: Path, count: int) -> list[tuple[str, Path, list[int]]]:
+    """(reference text, audio path, stored tokens) of the first `count` held-out assistant turns."""
+    tokens = {}
+    for line in (recipe_dir / "tokens" / "assistant.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        tokens[Path(row["audio"]).name] = row["tokens"]
+    answers = []
+    for line in (recipe_dir / "data" / "dialogues.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["split"] != "heldout":
+            continue
+        for turn in row["turns"]:
+            if turn["role"] == "assistant" and Path(turn["audio"]).name in tokens:
+                answers.append((turn["text"], recipe_dir / "data" / turn["audio"], tokens[Path(turn["audio"]).name]))
+                break
+        if len(answers) == count:
+            break
+    if not answers:
+        raise SystemExit(f"no held-out assistant turns with stored tokens under {recipe_dir} (run its tokenize stage)")
+    return answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", type=Path, required=True)
+    parser.add_argument("--recipe-dir", type=Path, default=Path("runs/recipe-demo"))
+    parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--flow", type=Path, help="flow weights from a decoder training checkpoint")
+    parser.add_argument("--vocoder", type=Path, help="HiFT weights from a vocoder training checkpoint")
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the decoder's)")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the decoder's)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from decoder.griffinlim import GriffinLimVocoder
+    from decoder.mel import mel_spectrogram
+    from voicelm.core.audio import DECODER_SAMPLE_RATE, load_audio
+    from voicelm.core.whisper_weights import load_whisper, normalized_wer, transcribe
+    from voicelm.pipeline import load_pipeline
+
+    decoder = load_pipeline(args.pipeline).decoder.float().eval()
+    _load_weights(decoder, args.flow, args.vocoder)
+    if args.cfg is not None:
+        decoder.flow.config.inference_cfg_rate = args.cfg
+    griffin_lim = GriffinLimVocoder()
+    judge = load_whisper("base")
+    rate = DECODER_SAMPLE_RATE
+    answers = _held_out_answers(args.recipe_dir, args.count)
+    heard: dict[str, list[str]] = {row: [] for row in ROWS}
+    mel_l1: list[float] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for text, audio, tokens in answers:
+            wav = load_audio(audio, rate, max_seconds=None).reshape(-1)
+            true_mel = mel_spectrogram(wav)
+            mel = decoder.decode_mel(torch.tensor(tokens), n_timesteps=args.steps)
+            frames = min(mel.shape[-1], true_mel.shape[-1])
+            mel_l1.append(float((mel[:, :frames] - true_mel[:, :frames]).abs().mean()))
+            outputs = {
+                "piper audio": wav,
+                "HiFT(true mel)": decoder.vocode(true_mel),
+                "Griffin-Lim(true mel)": griffin_lim.inference(true_mel[None])[0][0],
+                "flow -> HiFT": decoder.vocode(mel),
+                "flow -> Griffin-Lim": griffin_lim.inference(mel[None])[0][0],
+            }
+            for row, out in outputs.items():
+                heard[row].append(transcribe(judge, out.float().numpy(), rate))
+            print(f"{text} | " + " | ".join(heard[row][-1] for row in ROWS), flush=True)
+    references = [text for text, _, _ in answers]
+    print(f"\n{len(answers)} held-out answers of {args.recipe_dir}; pipeline {args.pipeline}"
+          f"{'; flow ' + str(args.flow) if args.flow else ''}{'; vocoder ' + str(args.vocoder) if args.vocoder else ''}; "
+          f"{args.steps or decoder.flow.config.n_timesteps} Euler steps, guidance {decoder.flow.config.inference_cfg_rate}; "
+          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {time.perf_counter() - start:.0f} s")
+    print("| path | Whisper base WER |\n|---|---|")
+    for row in ROWS:
+        print(f"| {row} | {100 * normalized_wer(references, heard[row]):.1f} % |")
+    print(f"mean L1 of the flow's mel to the true mel: {np.mean(mel_l1):.3f}")
+
+
+if __name__ == "__main__":
+    main()
