@@ -241,24 +241,15 @@ def _run_exchange(session, exchange: EvalExchange, options: dict) -> dict[str, A
             "user_seconds": wav.numel() / SAMPLE_RATE}
 
 
-def _round_trip(pipeline, judge, path: Path) -> tuple[str, int]:
-    """Audio file -> pipeline tokenizer -> pipeline decoder -> Whisper transcript (and token count)."""
-    from voicelm.core.audio import SAMPLE_RATE, load_audio
+def _round_trip(pipeline, judge, wav) -> tuple[str, int]:
+    """16 kHz audio -> pipeline tokenizer -> pipeline decoder -> Whisper transcript (and token count)."""
+    from voicelm.core.audio import SAMPLE_RATE
 
-    wav = load_audio(path, SAMPLE_RATE)
     tokens = pipeline.tokenizer.encode(wav, SAMPLE_RATE)
     if tokens.numel() == 0:
         return "", 0
     decoded = pipeline.decoder.decode(tokens).detach().cpu().numpy()
     return _transcribe(judge, decoded, pipeline.sample_rate), int(tokens.numel())
-
-
-def _transcribe_file(judge, path: Path) -> str:
-    """What the judge hears in an audio file as it is: the floor of the round-trip figures."""
-    from voicelm.core.audio import load_audio
-
-    wav = load_audio(path, 16000)
-    return _transcribe(judge, wav.reshape(-1).numpy(), 16000)
 
 
 def _accuracy(rows: list[dict]) -> dict[str, Any]:
@@ -415,6 +406,7 @@ def evaluate_pipeline(
     _check_judge(judge)
     dialogues = read_dialogues(dialogues_manifest, split, limit)
     pipeline = pipeline_dir if isinstance(pipeline_dir, Pipeline) else load_pipeline(pipeline_dir)
+    from voicelm.core.audio import SAMPLE_RATE, load_audio
     from voicelm.core.whisper_weights import load_whisper
 
     judge_model = load_whisper(judge)
@@ -423,7 +415,7 @@ def evaluate_pipeline(
     if warmup:
         _run_exchange(pipeline.session(options=options, seed=seed), dialogues[0].exchanges[0], options)
         if round_trip:
-            _round_trip(pipeline, judge_model, dialogues[0].exchanges[0].user_audio)
+            _round_trip(pipeline, judge_model, load_audio(dialogues[0].exchanges[0].user_audio, SAMPLE_RATE))
 
     report_dialogues, rows = [], []
     for number, dialogue in enumerate(dialogues, start=1):
@@ -451,11 +443,14 @@ def evaluate_pipeline(
                 "user_seconds": turn["user_seconds"], "errors": turn["errors"], "round_trip": None,
             }
             if round_trip:
-                user_transcript, user_tokens = _round_trip(pipeline, judge_model, exchange.user_audio)
+                user_transcript, user_tokens = _round_trip(pipeline, judge_model,
+                                                           load_audio(exchange.user_audio, SAMPLE_RATE))
                 assistant_transcript = source_transcript = None
                 if exchange.assistant_audio is not None:
-                    assistant_transcript, _ = _round_trip(pipeline, judge_model, exchange.assistant_audio)
-                    source_transcript = _transcribe_file(judge_model, exchange.assistant_audio)
+                    assistant = load_audio(exchange.assistant_audio, SAMPLE_RATE)
+                    assistant_transcript, _ = _round_trip(pipeline, judge_model, assistant)
+                    # the judge on the recording itself: the floor of the round-trip figure
+                    source_transcript = _transcribe(judge_model, assistant.reshape(-1).numpy(), SAMPLE_RATE)
                 row["round_trip"] = {"user_transcript": user_transcript, "user_tokens": user_tokens,
                                      "assistant_transcript": assistant_transcript,
                                      "assistant_source_transcript": source_transcript}

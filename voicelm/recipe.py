@@ -253,15 +253,16 @@ class Recipe:
             self._touched.add(stage)
             entry = status["stages"].setdefault(stage, {"state": "pending", "wall_seconds": 0.0, "runs": 0})
             done = None if force else self.is_done(stage)
-            if done is not None and done.get("settings") != self.settings_hash(stage) and stage in TRAIN_STAGES:
-                # e.g. STAGE:solver.steps raised: the run's last checkpoint continues on the new config
-                log.info("stage %s: done with other settings than the current config; continuing its training "
-                         "run from the last checkpoint (retrain from scratch with --from %s)", stage, stage)
-                done = None
-            if done is not None:
-                if done.get("settings") != self.settings_hash(stage):
+            if done is not None and done.get("settings") != self.settings_hash(stage):
+                if stage in TRAIN_STAGES:
+                    # e.g. STAGE:solver.steps raised: the run's last checkpoint continues on the new config
+                    log.info("stage %s: done with other settings than the current config; continuing its training "
+                             "run from the last checkpoint (retrain from scratch with --from %s)", stage, stage)
+                    done = None
+                else:
                     log.warning("stage %s: done with other settings than the current config; skipped anyway "
                                 "(rerun it with --from %s)", stage, stage)
+            if done is not None:
                 log.info("stage %s: done already (%s), skipped", stage, self.marker(stage))
                 entry["state"] = "done"
                 entry["skipped_last_run"] = True
