@@ -392,7 +392,7 @@ def evaluate_pipeline(
     one-time costs (lazy initialisation, first-call allocations) stay out of the latency figures.
     `progress`, if given, is called with one line per dialogue.
     """
-    from voicelm.core.audio import AudioError
+    from voicelm.core.audio import SAMPLE_RATE, AudioError, load_audio
     from voicelm.pipeline import Pipeline, load_pipeline
 
     start = time.perf_counter()
@@ -406,7 +406,6 @@ def evaluate_pipeline(
     _check_judge(judge)
     dialogues = read_dialogues(dialogues_manifest, split, limit)
     pipeline = pipeline_dir if isinstance(pipeline_dir, Pipeline) else load_pipeline(pipeline_dir)
-    from voicelm.core.audio import SAMPLE_RATE, load_audio
     from voicelm.core.whisper_weights import load_whisper
 
     judge_model = load_whisper(judge)
