@@ -113,12 +113,45 @@ def test_resume_false_starts_over_and_a_finished_run_only_reexports(tmp_path):
 
 def test_resume_with_more_steps_stretches_the_schedule_to_the_new_length(tmp_path):
     train(_cfg(tmp_path, "solver.steps=20", "solver.checkpoint_every=10", "solver.warmup_steps=5"), stop_after=15)
-    result = train(_cfg(tmp_path, "solver.steps=40", "solver.warmup_steps=5", "solver.log_every=10"))
+    result = train(_cfg(tmp_path, "solver.steps=40", "solver.warmup_steps=5", "solver.log_every=10",
+                        "solver.extend_lr=stretch"))
     assert result.resumed_from == 10 and result.step == 40
     # The cosine ends at lr * min_lr_ratio on the new last step, not on the old one.
     assert result.train_metrics["lr"] == pytest.approx(1e-2 * 0.1)
     lrs = [r["lr"] for r in _metrics(tmp_path)]
     assert lrs[1] > lrs[-1] > 0
+
+
+def _lrs(run_dir):
+    return {r["step"]: r["lr"] for r in _metrics(run_dir)}
+
+
+def test_a_run_given_more_steps_continues_from_its_lr_without_a_jump(tmp_path):
+    # solver.extend_lr=continue (the default): from the checkpoint's lr down to the floor at the new end.
+    base = ["solver.warmup_steps=5", "solver.log_every=1", "solver.checkpoint_every=10"]
+    train(_cfg(tmp_path, "solver.steps=30", *base), stop_after=20)
+    at_checkpoint = _lrs(tmp_path)[20]
+    train(_cfg(tmp_path, "solver.steps=60", *base), stop_after=45)  # checkpoint at 40, then "killed"
+    result = train(_cfg(tmp_path, "solver.steps=60", *base))  # resumed again: the same continued schedule
+    assert result.resumed_from == 40 and result.step == 60
+    lrs = _lrs(tmp_path)
+    after = [lrs[s] for s in range(21, 61)]
+    assert after[0] <= at_checkpoint and after[0] == pytest.approx(at_checkpoint, rel=0.01)  # no jump
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert lrs[60] == pytest.approx(1e-2 * 0.1)
+    # The second resume (same steps) rebuilt the same curve: one uninterrupted continued run agrees.
+    other = tmp_path / "other"
+    train(_cfg(other, "solver.steps=30", *base), stop_after=20)
+    train(_cfg(other, "solver.steps=60", *base))
+    assert [_lrs(other)[s] for s in range(21, 61)] == pytest.approx(after, rel=1e-9)
+
+
+def test_a_finished_run_given_more_steps_stays_at_its_final_lr(tmp_path):
+    base = ["solver.warmup_steps=5", "solver.log_every=1"]
+    train(_cfg(tmp_path, "solver.steps=20", *base))
+    result = train(_cfg(tmp_path, "solver.steps=30", *base))
+    assert result.resumed_from == 20 and result.step == 30
+    assert [_lrs(tmp_path)[s] for s in range(21, 31)] == pytest.approx([1e-2 * 0.1] * 10)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -139,6 +172,7 @@ def test_unknown_solver_name_lists_the_known_ones(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("solver.steps=0", "solver.steps must be >= 1"),
     ("solver.lr=fast", "solver.lr must be a number"),
+    ("solver.extend_lr=jump", "solver.extend_lr must be one of continue, stretch"),
     ("solver.betas=[0.9]", "solver.betas"),
     ("solver.ema_decay=1.0", "solver.ema_decay must be < 1.0"),
     ("solver.log_every=0", "solver.log_every must be >= 1"),

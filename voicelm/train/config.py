@@ -21,6 +21,7 @@ MODEL_PARTS = ("tokenizer", "decoder", "vocoder", "lm")
 DEVICES = ("auto", "cpu", "cuda")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16")
+EXTEND_LR = ("continue", "stretch")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,10 @@ class OptimSettings:
     # DDP only: models whose forward leaves some parameters unused in a step (e.g. a GAN
     # generator step that never touches the discriminator) need this.
     find_unused_parameters: bool = False
+    # What the lr does when a run is resumed with a different `steps` (e.g. a finished run given
+    # more): "continue" decays from the lr it had at the checkpoint to lr * min_lr_ratio at the new
+    # last step (no jump); "stretch" recomputes the whole warmup + cosine on the new length.
+    extend_lr: str = "continue"
 
     @classmethod
     def from_cfg(cls, solver_cfg: Any) -> "OptimSettings":
@@ -101,6 +106,7 @@ class OptimSettings:
             eval_every=_optional_every(g("eval_every", default=None), "solver.eval_every"),
             checkpoint_every=_optional_every(g("checkpoint_every", default=None), "solver.checkpoint_every"),
             find_unused_parameters=_as_bool(g("find_unused_parameters", default=False), "solver.find_unused_parameters"),
+            extend_lr=_as_extend_lr(g("extend_lr", default="continue")),
         )
 
 
@@ -184,6 +190,12 @@ def _as_float(value: Any, name: str, *, minimum: float | None = None, maximum: f
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     if below is not None and value >= below:
         raise ConfigError(f"{name} must be < {below}, got {value}")
+    return value
+
+
+def _as_extend_lr(value: Any) -> str:
+    if value not in EXTEND_LR:
+        raise ConfigError(f"solver.extend_lr must be one of {', '.join(EXTEND_LR)}, got {value!r}")
     return value
 
 

@@ -90,9 +90,18 @@ def train(cfg: DictConfig, *, stop_after: int | None = None) -> RunResult:
         distributed.teardown(info, synchronize=finished)
 
 
-def lr_factor(step: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+def lr_factor(step: int, *, steps: int, warmup_steps: int, min_lr_ratio: float,
+              origin: tuple[int, float] | None = None) -> float:
     """Multiplier of the base lr for optimizer step `step` (0-based): linear warmup, then cosine
-    decay from 1 to `min_lr_ratio` at the last step."""
+    decay from 1 to `min_lr_ratio` at the last step.
+
+    `origin` = (step s0, factor f0): from s0 on, a cosine from f0 down to `min_lr_ratio` at the last
+    step instead (a run given more steps continues from the lr it had, `solver.extend_lr=continue`).
+    """
+    if origin is not None and step >= origin[0]:
+        start, factor = origin
+        progress = min(1.0, (step - start) / max(1, steps - start))
+        return min_lr_ratio + (factor - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
@@ -131,6 +140,7 @@ class _Trainer:
         self.fsdp = self.info.is_distributed and self.run_settings.distributed == "fsdp"
         # Parameters are collected after wrapping: FSDP replaces them with sharded ones.
         self.optimizers, self.schedulers, self.group_params = self._build_optimizers()
+        self.schedule_origins: dict[str, tuple[int, float]] = {}
         self.ema = EMA(self.module, self.optim.ema_decay) if self.optim.ema_decay is not None else None
         # Per-rank training randomness (dropout etc.) differs across ranks, as in any DDP run.
         _seed_everything(self.run_settings.seed + self.info.rank)
@@ -359,6 +369,7 @@ class _Trainer:
                 "data": self.cursor.state_dict(),
                 "optimizers": optim_states,
                 "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
+                "schedule_origins": self.schedule_origins,
                 "ema": ema_state,
                 "rng": rng_states,
             }
@@ -397,9 +408,6 @@ class _Trainer:
         if set(state["optimizers"]) != set(self.optimizers):
             raise CheckpointError(f"{ckpt} has optimizers {sorted(state['optimizers'])} but the solver now builds "
                                   f"{sorted(self.optimizers)}; set resume=false to start over")
-        if state["steps"] != self.optim.steps:
-            log.warning("%s: solver.steps changed from %d to %d since the checkpoint; the lr schedule "
-                        "continues on the new length", self.solver_name, state["steps"], self.optim.steps)
         if state["world_size"] != self.info.world_size:
             log.warning("%s: resuming a %d-process run with %d processes: the data order and RNG streams "
                         "will differ from an uninterrupted run", self.solver_name, state["world_size"], self.info.world_size)
@@ -412,6 +420,7 @@ class _Trainer:
                                      options=StateDictOptions(full_state_dict=True))
         for name, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
+        self._resume_schedule(state)
         if self.ema is not None:
             if state["ema"] is None:
                 log.warning("%s: the checkpoint has no EMA (ema_decay was off); starting the EMA from the current weights",
@@ -425,6 +434,26 @@ class _Trainer:
         self.step = int(state["step"])
         log.info("%s: resumed from %s at step %d", self.solver_name, ckpt, self.step)
         return self.step
+
+    def _resume_schedule(self, state: dict) -> None:
+        """Rebuild the lr schedules of a resumed run: the checkpoint's origins if `steps` is
+        unchanged; if it changed, a new origin at the lr each optimizer has now ("continue",
+        once warmup is over) or none, the plain schedule on the new length ("stretch")."""
+        step, old_steps, o = int(state["step"]), int(state["steps"]), self.optim
+        origins = {name: tuple(v) for name, v in (state.get("schedule_origins") or {}).items()}
+        if old_steps != o.steps:
+            if o.extend_lr == "continue" and step >= o.warmup_steps:
+                origins = {name: (step, s.get_last_lr()[0] / s.base_lrs[0]) for name, s in self.schedulers.items()}
+                how = "decays from the lr it has now (x%.3g) to x%g at the new last step" % (
+                    max(f for _, f in origins.values()), o.min_lr_ratio)
+            else:
+                origins = {}
+                how = "restarts on the new length (solver.extend_lr=stretch or warmup not over)"
+            log.warning("%s: solver.steps changed from %d to %d since the checkpoint; the lr schedule %s",
+                        self.solver_name, old_steps, o.steps, how)
+        self.schedule_origins = origins
+        for name, sched in self.schedulers.items():
+            sched.lr_lambdas = [make_schedule(o.steps, o.warmup_steps, o.min_lr_ratio, origins.get(name))]
 
     # --- export -------------------------------------------------------------------------------
     def _export(self) -> Path | None:
@@ -456,11 +485,11 @@ class _Trainer:
         return model
 
 
-def make_schedule(steps: int, warmup_steps: int, min_lr_ratio: float):
+def make_schedule(steps: int, warmup_steps: int, min_lr_ratio: float, origin: tuple[int, float] | None = None):
     """The lr multiplier for LambdaLR. A plain function on purpose: LambdaLR saves the attributes
     of callable objects in its state_dict and would bring back the old `steps` on resume."""
     def factor(step: int) -> float:
-        return lr_factor(step, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+        return lr_factor(step, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, origin=origin)
 
     return factor
 
