@@ -13,11 +13,22 @@ For the first `disc_start_step` steps the discriminator does not train and the g
 learns from the mel loss alone: a quick start on a CPU, where the adversarial terms only pay
 off once the mel is roughly right.
 Export writes the generator alone as a `vocoder` part checkpoint.
+
+Fine-tuning on the flow's mels (`input_flow`): at inference the vocoder hears the flow model's
+sampled mel, not the true one. With `input_flow` = a decoder part directory, the generator's
+input (and the F0 predictor's) is the mel that flow samples from each row's stored `tokens`
+(offline, its fixed noise), while every target (audio, mel, F0) stays the true recording: the
+vocoder learns to turn the flow's smoothed mels into the real voice. The sampled mels are
+computed once per row and kept under `flow_mel_cache_dir` (keyed by the flow's weights and the
+tokens). `init_from` starts from a trained vocoder: a vocoder part directory (generator only)
+or a training checkpoint directory (`runs/vocoder/checkpoints/last`: generator + discriminator).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -39,9 +50,11 @@ from decoder.f0 import estimate_f0
 from decoder.hift import HiFTConfig, HiFTGenerator
 from decoder.mel import MelConfig, mel_spectrogram
 from voicelm.core.audio import DECODER_SAMPLE_RATE, load_audio
-from voicelm.core.checkpoint import config_from_dict
-from voicelm.core.manifest import iter_split, read_manifest
+from voicelm.core.checkpoint import atomic_write_file, config_from_dict, load_state_strict
+from voicelm.core.manifest import ManifestError, iter_split, read_manifest
 from voicelm.core.solver import Solver
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -63,7 +76,7 @@ class VocoderGAN(nn.Module):
         self.mel_config = MelConfig()
 
     def reconstruction_losses(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.generator.forward_full(batch["mel"])
+        out = self.generator.forward_full(_generator_input(batch))
         mel_fake = mel_spectrogram(out.wav, self.mel_config)  # (B, 80, F)
         mel_l1 = F.l1_loss(mel_fake, batch["mel"])
         f0_l1 = F.l1_loss(out.f0, batch["f0"])
@@ -73,13 +86,13 @@ class VocoderGAN(nn.Module):
         real = batch["wav"]
         if mode == "discriminator":
             with torch.no_grad():
-                fake = self.generator(batch["mel"])
+                fake = self.generator(_generator_input(batch))
             real_logits, _ = self.discriminator(real)
             fake_logits, _ = self.discriminator(fake.detach())
             loss = discriminator_loss(real_logits, fake_logits)
             return {"loss": loss, "d_loss": loss.detach()}
         if mode == "f0":
-            predicted = self.generator.f0_predictor(batch["mel"])
+            predicted = self.generator.f0_predictor(_generator_input(batch))
             # Squared error in units of 100 Hz: with L1 (sign-only gradients) and ~70% unvoiced
             # (0 Hz) frames, the predictor collapsed to 0 Hz everywhere in our piper runs.
             loss = F.mse_loss(predicted / 100.0, batch["f0"] / 100.0)
@@ -100,7 +113,49 @@ class VocoderGAN(nn.Module):
         return {"loss": loss, "g_loss": loss.detach(), **metrics}
 
 
+def _generator_input(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The mel the generator hears: the flow's (when fine-tuning on it), else the true mel."""
+    return batch["input_mel"] if "input_mel" in batch else batch["mel"]
+
+
 # --- data ----------------------------------------------------------------------------------
+
+class FlowMels:
+    """The mel a decoder's flow model samples from stored speech tokens (offline, its fixed noise),
+    computed once per (flow weights, tokens): in memory, and as .pt files under `cache_dir`."""
+
+    def __init__(self, decoder_dir: str | Path, cache_dir: str | Path | None):
+        from decoder.cli import resolve_checkpoint
+        from decoder.model import SpeechDecoder
+
+        directory = resolve_checkpoint(str(decoder_dir))
+        self.decoder = SpeechDecoder.from_pretrained(directory).float().eval()
+        digest = hashlib.sha1()
+        for name in sorted(p.name for p in directory.glob("*.safetensors")):
+            digest.update((directory / name).read_bytes())
+        self.flow_id = digest.hexdigest()[:16]
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.vocab_size = self.decoder.flow.config.vocab_size
+
+    def get(self, tokens: list[int]) -> torch.Tensor:
+        key = hashlib.sha1(f"{self.flow_id}|{','.join(map(str, tokens))}".encode()).hexdigest()
+        cached = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        if cached is not None and cached.exists():
+            return torch.load(cached, weights_only=True)
+        with torch.no_grad():
+            mel = self.decoder.decode_mel(tokens).float().cpu()
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_file(cached, lambda tmp: torch.save(mel, tmp))
+        return mel
+
+
+def _fit_frames(mel: torch.Tensor, frames: int) -> torch.Tensor:
+    """mel (80, F) cut or padded (last frame repeated) to `frames` frames."""
+    if mel.shape[-1] >= frames:
+        return mel[:, :frames]
+    return torch.cat([mel, mel[:, -1:].expand(-1, frames - mel.shape[-1])], dim=-1)
+
 
 class SegmentDataset(Dataset):
     """Utterances held in memory at 22,050 Hz with their F0; item i = one segment of utterance i.
@@ -109,9 +164,12 @@ class SegmentDataset(Dataset):
     resumed run sees the same crops; validation crops are fixed (the start of each utterance).
     """
 
-    def __init__(self, paths: list[Path], segment_frames: int, *, random_crop: bool, seed: int = 0):
+    def __init__(self, paths: list[Path], segment_frames: int, *, random_crop: bool, seed: int = 0,
+                 input_mels: list[torch.Tensor] | None = None):
         if not paths:
             raise ValueError("no audio to train the vocoder on: the manifest (or split) is empty")
+        if input_mels is not None and len(input_mels) != len(paths):
+            raise ValueError(f"{len(input_mels)} input mels for {len(paths)} utterances")
         self.hop = MelConfig().hop_length
         self.segment_frames = segment_frames
         self.random_crop = random_crop
@@ -125,6 +183,9 @@ class SegmentDataset(Dataset):
             wav = F.pad(wav, (0, frames * self.hop - wav.shape[-1]))  # whole frames only
             self.wavs.append(wav)
             self.f0s.append(estimate_f0(wav))  # (frames,)
+        # Generator inputs other than the true mel (the flow's), fitted to each utterance's frames.
+        self.input_mels = None if input_mels is None else [
+            _fit_frames(mel, wav.shape[-1] // self.hop) for mel, wav in zip(input_mels, self.wavs)]
 
     def __len__(self) -> int:
         return len(self.wavs)
@@ -141,7 +202,12 @@ class SegmentDataset(Dataset):
         if spare < 0:  # a short utterance: pad with silence (unvoiced)
             segment = F.pad(segment, (0, self.segment_frames * self.hop - segment.shape[-1]))
             segment_f0 = F.pad(segment_f0, (0, self.segment_frames - segment_f0.shape[-1]))
-        return {"wav": segment, "mel": mel_spectrogram(segment), "f0": segment_f0}
+        item = {"wav": segment, "mel": mel_spectrogram(segment), "f0": segment_f0}
+        if self.input_mels is not None:
+            given = self.input_mels[index][:, start:start + self.segment_frames]
+            # frames past the utterance (the silence padding) get the true mel of that silence
+            item["input_mel"] = torch.cat([given, item["mel"][:, given.shape[-1]:]], dim=-1)
+        return item
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -203,6 +269,7 @@ class VocoderSolver(Solver):
         self.batch_size = int(_get(solver, "batch_size", 8))
         self.disc_start_step = int(_get(solver, "disc_start_step", 0))
         self.seed = int(_get(cfg, "seed", 0))
+        self.flow_mels: FlowMels | None = None
 
     # --- Solver interface ---------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -211,10 +278,32 @@ class VocoderSolver(Solver):
                 f"the vocoder must run at {DECODER_SAMPLE_RATE} Hz with hop {MelConfig().hop_length} to match "
                 f"decoder.mel; the preset gives {self.generator_config.sampling_rate} Hz, hop {self.generator_config.hop_length}"
             )
-        return VocoderGAN(HiFTGenerator(self.generator_config), VocoderDiscriminator(self.discriminator_config), self.weights)
+        gan = VocoderGAN(HiFTGenerator(self.generator_config), VocoderDiscriminator(self.discriminator_config), self.weights)
+        init_from = _get(self.settings, "init_from")
+        if init_from is not None:
+            _init_from(gan, Path(init_from))
+        return gan
 
-    def _paths(self, manifest: Any, split: str | None) -> list[Path]:
-        return [u.audio_path for u in iter_split(read_manifest(manifest), split)]
+    def _utterances(self, manifest: Any, split: str | None,
+                    limit: int | None = None) -> tuple[list[Path], list[torch.Tensor] | None]:
+        """Audio paths of a manifest split (the first `limit`), with the flow's mels of their
+        tokens when `input_flow` is set."""
+        rows = list(iter_split(read_manifest(manifest), split))[:limit]
+        if self.flow_mels is None:
+            return [u.audio_path for u in rows], None
+        paths, mels = [], []
+        for u in rows:
+            tokens = u.extra.get("tokens")
+            if not tokens:
+                raise ManifestError(f"{manifest}: row {u.audio} has no `tokens`, which solver.input_flow needs "
+                                    f"(the flow samples its mel from them); add them with `voicelm tokenize --manifest`")
+            if min(tokens) < 0 or max(tokens) >= self.flow_mels.vocab_size:
+                raise ManifestError(f"{manifest}: row {u.audio} has token ids outside [0, {self.flow_mels.vocab_size}) "
+                                    f"of the flow in solver.input_flow: tokenizer and decoder vocabularies must agree")
+            paths.append(u.audio_path)
+            mels.append(self.flow_mels.get(tokens))
+        log.info("vocoder: the flow's mels of %d utterances of %s ready", len(rows), manifest)
+        return paths, mels
 
     def build_dataloaders(self) -> tuple[Iterable, Iterable | None]:
         train_manifest = _get(self.settings, "train_manifest")
@@ -222,21 +311,24 @@ class VocoderSolver(Solver):
             raise ValueError("solver.train_manifest is required: a JSONL manifest of the voice to train on "
                              "(make one with `voicelm data synth`)")
         # Rows without a `split` field count as train (voicelm.core.manifest.iter_split).
-        train_paths = self._paths(train_manifest, _get(self.settings, "train_split", "train"))
-        train = SegmentDataset(train_paths, self.segment_frames, random_crop=True, seed=self.seed)
+        input_flow = _get(self.settings, "input_flow")
+        self.flow_mels = None if input_flow is None else FlowMels(input_flow, _get(self.settings, "flow_mel_cache_dir"))
+        train_paths, train_mels = self._utterances(train_manifest, _get(self.settings, "train_split", "train"))
+        train = SegmentDataset(train_paths, self.segment_frames, random_crop=True, seed=self.seed, input_mels=train_mels)
         workers = int(_get(self.settings, "num_workers", 0))
         train_loader = DataLoader(train, batch_size=self.batch_size, sampler=EpochShuffleSampler(train, self.seed),
                                   num_workers=workers, drop_last=len(train) >= self.batch_size)
         valid_manifest = _get(self.settings, "valid_manifest")
-        if valid_manifest is not None:
-            valid_paths = self._paths(valid_manifest, _get(self.settings, "valid_split"))
+        if valid_manifest is None:
+            valid_manifest, valid_split = train_manifest, _get(self.settings, "valid_split", "valid")
         else:
-            valid_paths = self._paths(train_manifest, _get(self.settings, "valid_split", "valid"))
-        valid_paths = valid_paths[: int(_get(self.settings, "valid_limit", 16))]
+            valid_split = _get(self.settings, "valid_split")
+        limit = int(_get(self.settings, "valid_limit", 16))
+        valid_paths, valid_mels = self._utterances(valid_manifest, valid_split, limit)
         if not valid_paths:
             return train_loader, None
         valid_frames = int(_get(self.settings, "valid_segment_frames", 4 * self.segment_frames))
-        valid = SegmentDataset(valid_paths, valid_frames, random_crop=False)
+        valid = SegmentDataset(valid_paths, valid_frames, random_crop=False, input_mels=valid_mels)
         return train_loader, DataLoader(valid, batch_size=self.batch_size, shuffle=False)
 
     def optimizer_groups(self, model: nn.Module) -> dict[str, Any]:
@@ -297,6 +389,26 @@ class VocoderSolver(Solver):
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         _unwrap(model).generator.save_pretrained(out_dir)
+
+
+def _init_from(gan: VocoderGAN, path: Path) -> None:
+    """Start from a trained vocoder: a part directory (generator) or a training checkpoint directory
+    (generator + discriminator). Its geometry must be the preset's."""
+    from safetensors.torch import load_file
+
+    if (path / "config.json").exists():
+        trained = HiFTGenerator.from_pretrained(path)
+        if dataclasses.asdict(trained.config) != dataclasses.asdict(gan.generator.config):
+            raise ValueError(f"solver.init_from={path} is a vocoder of another geometry than the `vocoder` preset; "
+                             f"choose the preset it was trained with")
+        gan.generator.load_state_dict(trained.state_dict())
+        log.info("vocoder: generator initialised from %s (the discriminator starts fresh)", path)
+    elif (path / "model.safetensors").exists():
+        load_state_strict(gan, load_file(str(path / "model.safetensors")), where=str(path))
+        log.info("vocoder: generator and discriminator initialised from %s", path)
+    else:
+        raise FileNotFoundError(f"solver.init_from={path}: neither a vocoder part directory (config.json) nor a "
+                                f"training checkpoint directory (model.safetensors), e.g. runs/vocoder/checkpoints/last")
 
 
 def _unwrap(model: nn.Module) -> VocoderGAN:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -11,11 +12,14 @@ import pytest
 import soundfile as sf
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 from decoder.f0 import estimate_f0
 from decoder.hift import HiFTGenerator
+from decoder.mel import mel_spectrogram
+from decoder.model import SpeechDecoder
 from decoder.vocoder_solver import VocoderSolver
-from voicelm.core.manifest import write_manifest
+from voicelm.core.manifest import ManifestError, write_manifest
 from voicelm.core.presets import load_preset
 
 SR = 22050
@@ -168,3 +172,89 @@ def test_runs_through_the_training_harness(manifest, tmp_path):
     assert "mel_l1" in result.valid_metrics
     vocoder = HiFTGenerator.from_pretrained(result.export_dir)
     assert vocoder.inference(torch.randn(1, 80, 3))[0].shape == (1, 768)
+
+
+@pytest.fixture(scope="module")
+def flow_dir(decoder, tmp_path_factory):
+    """A saved tiny decoder part: the flow whose mels the vocoder is fine-tuned on."""
+    path = tmp_path_factory.mktemp("flow") / "decoder"
+    decoder.save_pretrained(path)
+    return path
+
+
+def _with_tokens(manifest, tmp_path, vocab_size):
+    """The voice manifest with made-up stored tokens of the right length for each row's audio."""
+    rows = []
+    for i, line in enumerate(manifest.read_text().splitlines()):
+        row = json.loads(line)
+        count = max(1, round(row["duration"] * 12.5))
+        row["tokens"] = [(7 * i + 3 * k) % vocab_size for k in range(count)]
+        row["audio"] = str(manifest.parent / row["audio"])
+        rows.append(row)
+    return write_manifest(tmp_path / "tokens.jsonl", rows)
+
+
+def test_fine_tuning_on_the_flows_mels_feeds_them_and_keeps_the_true_targets(manifest, decoder, flow_dir, tmp_path,
+                                                                             monkeypatch):
+    tokens_manifest = _with_tokens(manifest, tmp_path, decoder.flow.config.vocab_size)
+    cache = tmp_path / "flow-mels"
+    solver = VocoderSolver(_cfg(tokens_manifest, input_flow=str(flow_dir), flow_mel_cache_dir=str(cache)))
+    model = solver.build_model()
+    train, valid = solver.build_dataloaders()
+    rows = [json.loads(line) for line in tokens_manifest.read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert len(list(cache.glob("*.pt"))) == len(rows)  # one sampled mel per row, kept on disk
+
+    # Each item's generator input is the flow's mel of that row's tokens, over the same frames
+    # as its true audio, mel and F0 targets.
+    dataset = train.dataset
+    for index, row in enumerate(train_rows):
+        item = dataset[index]
+        flow_mel = decoder.decode_mel(row["tokens"]).float()
+        frames = dataset.wavs[index].shape[-1] // dataset.hop
+        expected = torch.cat([flow_mel, flow_mel[:, -1:].expand(-1, max(0, frames - flow_mel.shape[-1]))], -1)[:, :frames]
+        start = next(s for s in range(frames) if torch.allclose(
+            dataset.wavs[index][s * 256:(s + 24) * 256], item["wav"]))
+        assert torch.allclose(item["input_mel"], expected[:, start:start + 24], atol=1e-5)
+        assert not torch.allclose(item["input_mel"], item["mel"], atol=0.1)  # not the true mel
+        assert torch.allclose(item["mel"], mel_spectrogram(item["wav"]))
+    assert "input_mel" in valid.dataset[0]
+
+    # The generator hears the input mel: the loss changes when only the input changes.
+    batch = next(iter(train))
+    model.eval()
+    with torch.no_grad():
+        with_flow = model.reconstruction_losses(batch)["mel_l1"]
+        with_true = model.reconstruction_losses({k: v for k, v in batch.items() if k != "input_mel"})["mel_l1"]
+    assert not torch.isclose(with_flow, with_true)
+
+    # A second build reads the cache: the same mels, without sampling the flow again.
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the flow was sampled again although its mels are cached")
+
+    monkeypatch.setattr(SpeechDecoder, "decode_mel", no_sampling)
+    again = VocoderSolver(_cfg(tokens_manifest, input_flow=str(flow_dir), flow_mel_cache_dir=str(cache)))
+    train2, _ = again.build_dataloaders()
+    assert all(torch.equal(a, b) for a, b in zip(train2.dataset.input_mels, dataset.input_mels))
+
+
+def test_flow_fine_tuning_needs_stored_tokens(manifest, flow_dir):
+    solver = VocoderSolver(_cfg(manifest, input_flow=str(flow_dir)))
+    with pytest.raises(ManifestError, match="has no `tokens`, which solver.input_flow needs"):
+        solver.build_dataloaders()
+
+
+def test_init_from_starts_from_a_trained_vocoder(manifest, tmp_path):
+    torch.manual_seed(1)
+    trained = VocoderSolver(_cfg(manifest)).build_model()
+    trained.generator.save_pretrained(tmp_path / "part")
+    save_file(trained.state_dict(), str(tmp_path / "model.safetensors"))
+
+    from_part = VocoderSolver(_cfg(manifest, init_from=str(tmp_path / "part"))).build_model()
+    for name, value in trained.generator.state_dict().items():
+        assert torch.equal(from_part.generator.state_dict()[name], value), name
+    from_checkpoint = VocoderSolver(_cfg(manifest, init_from=str(tmp_path))).build_model()
+    for name, value in trained.state_dict().items():
+        assert torch.equal(from_checkpoint.state_dict()[name], value), name
+    with pytest.raises(FileNotFoundError, match="neither a vocoder part directory"):
+        VocoderSolver(_cfg(manifest, init_from=str(tmp_path / "nothing"))).build_model()
