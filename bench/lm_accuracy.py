@@ -13,6 +13,10 @@ folder of a pipeline); `--checkpoint` loads a training checkpoint's weights into
 (`runs/lm/checkpoints/last/model.safetensors`), to follow a run while it trains.
 
 Scored with `voicelm.evaluate.answer_correct`, the eval's own rule. Greedy, 13:26 layout.
+
+`--asr` also scores the LM's own transcription task (the ASR system prompt it is trained with)
+on every held-out user utterance: word error of its text against what was said
+(`normalized_wer`), per task: how well it reads the question, apart from answering it.
 """
 
 from __future__ import annotations
@@ -69,6 +73,30 @@ def score(lm, dialogues: list[dict], asked: str) -> tuple[dict, list[tuple[str, 
     return tally, misses
 
 
+def asr_wer(lm, dialogues: list[dict]) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """-> ({task: WER of the LM's transcripts of the user turns asking it, "all": ...}, misheard)."""
+    from voicelm.core.whisper_weights import normalized_wer
+    from voicelm.lm.generate import SamplingOptions, VoiceLMGen
+    from voicelm.lm.prompt import SYSTEM_ASR, build_prompt
+
+    options = SamplingOptions(temperature=0.0, max_new_tokens=60, enforce_interleave=False)
+    by_task: dict[str, tuple[list[str], list[str]]] = collections.defaultdict(lambda: ([], []))
+    misheard = []
+    for dialogue in dialogues:
+        turns = dialogue["turns"]
+        for user, answer in zip(turns[0::2], turns[1::2]):
+            prompt = build_prompt(lm.config.vocab, lm.text_tokenizer, (), user_speech=user["tokens"], system=SYSTEM_ASR)
+            generation = VoiceLMGen(lm, prompt, options)
+            generation.run()
+            heard = generation.text()
+            for key in (answer["task"], "all"):
+                by_task[key][0].append(user["text"])
+                by_task[key][1].append(heard)
+            if normalized_wer([user["text"]], [heard]) > 0:
+                misheard.append((user["text"], heard))
+    return {task: normalized_wer(refs, hyps) for task, (refs, hyps) in by_task.items()}, misheard
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lm", type=Path, required=True, help="LM part directory (export or PIPELINE/voicelm)")
@@ -78,6 +106,7 @@ def main() -> None:
     parser.add_argument("--asked", choices=("speech", "text", "both"), default="speech")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--misses", type=int, default=10, help="held-out misses to print")
+    parser.add_argument("--asr", action="store_true", help="also the LM's ASR word error on the user turns")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -106,6 +135,16 @@ def main() -> None:
         print(f"held-out accuracy: {right}/{total} = {100 * right / max(total, 1):.1f} %")
         for question, reference, said in misses[:args.misses]:
             print(f"  x {question!r}: {said!r} (reference {reference!r})")
+    if args.asr:
+        start = time.perf_counter()
+        with torch.no_grad():
+            wers, misheard = asr_wer(lm, dialogues)
+        print(f"\nthe LM's ASR of the {len(dialogues)} dialogues' user turns, {time.perf_counter() - start:.0f} s")
+        print("| user turns of | word error |\n|---|---|")
+        for task in sorted(wers):
+            print(f"| {task} | {100 * wers[task]:.1f} % |")
+        for said, heard in misheard[:args.misses]:
+            print(f"  x {said!r} heard as {heard!r}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,47 @@ def test_text_task_answers_in_text_only_from_its_own_manifest(tokenizer, tmp_pat
     assert [s.source for s in samples["text"]] == ["t0"] and len(samples["dialogue"]) == 5
 
 
+def test_respoken_text_dialogues_take_recorded_turns_of_the_same_words_and_style(tokenizer):
+    v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
+    spoken = _dialogues()
+    slow = DialogueTurn("assistant", ANSWERS[0], None, [5] * 50, style="slow")
+    spoken.append(Dialogue("d10", spoken[0].turns + [DialogueTurn("user", "say it slowly.", None, [6] * 9), slow]))
+    again = DialogueTurn("user", "question 0", None, [7] * 11)  # a second recording of "question 0"
+    spoken.append(Dialogue("d11", [again, spoken[0].turns[1]]))
+    texts = [  # text dialogues: words recorded above in a new order, a style turn, one never recorded
+        Dialogue("t0", [DialogueTurn("user", "question 1"), DialogueTurn("assistant", ANSWERS[1]),
+                        DialogueTurn("user", "question 0"), DialogueTurn("assistant", ANSWERS[0])]),
+        Dialogue("t1", [DialogueTurn("user", "question 0"), DialogueTurn("assistant", ANSWERS[0]),
+                        DialogueTurn("user", "say it slowly."), DialogueTurn("assistant", ANSWERS[0], style="slow")]),
+        Dialogue("t2", [DialogueTurn("user", "never said"), DialogueTurn("assistant", ANSWERS[1])]),
+    ]
+    builder = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("respoken",)))
+    made = list(builder.respoken_dialogues(spoken, texts))
+    assert [d.id for d in made] == ["t0:respoken", "t1:respoken"] and builder.stats.respoken_uncovered == 1
+    recorded = {}
+    for d in spoken:
+        for t in d.turns:
+            recorded.setdefault((t.role, t.text, t.style), []).append(t.tokens)
+    for d in made:
+        for t in d.turns:
+            assert t.tokens in recorded[(t.role, t.text, t.style)], (d.id, t.text, t.style)
+    assert made[1].turns[3].tokens == [5] * 50  # the slow answer is the slow recording, not the normal one
+    assert made[1].turns[1].tokens == spoken[0].turns[1].tokens
+    # drawn with (seed, dialogue id): the same every build, and both recordings of "question 0" get used
+    again_made = list(SampleBuilder(v, tokenizer, DataOptions(tasks=("respoken",))).respoken_dialogues(spoken, texts))
+    assert [t.tokens for d in again_made for t in d.turns] == [t.tokens for d in made for t in d.turns]
+    many = [Dialogue(f"m{i}", [DialogueTurn("user", "question 0"), DialogueTurn("assistant", ANSWERS[0])]) for i in range(40)]
+    assert {tuple(d.turns[0].tokens) for d in builder.respoken_dialogues(spoken, many)} == {
+        tuple(spoken[0].turns[0].tokens), (7,) * 11}
+    # the samples are dialogue samples of the respoken dialogues, under their own task name
+    samples = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("respoken",))).build(spoken, texts)
+    reference = SampleBuilder(v, tokenizer, DataOptions(max_length=1024)).dialogue_sample(made[0])
+    assert [s.task for s in samples["respoken"]] == ["respoken", "respoken"]
+    assert samples["respoken"][0].input_ids == reference.input_ids and samples["respoken"][0].labels == reference.labels
+    capped = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("respoken",), respoken_max=1))
+    assert len(capped.build(spoken, texts)["respoken"]) == 1
+
+
 def test_too_long_and_too_short_are_counted_never_silent(tokenizer, caplog):
     v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
     dialogues = _dialogues()

@@ -22,6 +22,13 @@ Samples built from one manifest (each an `LMSample`: ids + labels, -100 = no los
   dialogues (`SampleBuilder.text_sample`, from `solver.text_manifest` or the training
   dialogues' text). They teach what to answer from data that needs no audio; a text answer of
   up to 13 tokens is exactly the text a spoken answer starts with.
+- "respoken": the text-only dialogues made spoken without rendering anything: each turn gets
+  the speech tokens of a spoken training turn with the same role, words and style (drawn per
+  dialogue with the seed; several user voices may meet in one dialogue), then it is a
+  "dialogue" sample. Text dialogues with a turn nobody recorded are left out (counted as
+  `respoken_uncovered`). A closed domain's few hundred thousand text dialogues reuse a few
+  thousand recordings, so speech-in dialogues grow from the recorded count to nearly the text
+  count (`SampleBuilder.respoken_dialogues`); `respoken_max` caps how many are built.
 
 Too long for `max_length`: the oldest (user, assistant) pairs of a dialogue are dropped until
 it fits (counted as `truncated_dialogues` / `dropped_turns`); a sample whose last exchange alone
@@ -53,7 +60,7 @@ from voicelm.lm.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TASKS = ("dialogue", "asr", "tts", "text")
+TASKS = ("dialogue", "asr", "tts", "text", "respoken")
 
 
 class DialogueManifestError(ValueError):
@@ -66,9 +73,11 @@ class DialogueTurn:
     text: str | None = None
     audio: str | None = None
     tokens: list[int] | None = None
+    style: str | None = None  # how an assistant turn is spoken ("slow", ...); None = not given
 
     def to_json(self) -> dict[str, Any]:
-        return {"role": self.role, "text": self.text, "audio": self.audio, "tokens": self.tokens}
+        row = {"role": self.role, "text": self.text, "audio": self.audio, "tokens": self.tokens}
+        return row if self.style is None else {**row, "style": self.style}
 
 
 @dataclasses.dataclass
@@ -110,7 +119,8 @@ def _parse_dialogue(row: Any, where: str) -> Dialogue:
             raise DialogueManifestError(f"{where}: turn {i} 'text' must be a string or null")
         if text is None and tokens is None:
             raise DialogueManifestError(f"{where}: turn {i} has neither text nor tokens")
-        turns.append(DialogueTurn(t["role"], text, t.get("audio"), tokens))
+        style = t.get("style")
+        turns.append(DialogueTurn(t["role"], text, t.get("audio"), tokens, None if style is None else str(style)))
     extra = {k: v for k, v in row.items() if k not in ("id", "split", "system", "turns")}
     return Dialogue(str(row["id"]), turns, str(row.get("split", "train")), row.get("system"), extra)
 
@@ -149,6 +159,7 @@ class BuildStats:
     skipped_too_long: int = 0
     skipped_speech_shorter_than_text: int = 0
     skipped_no_assistant_speech: int = 0
+    respoken_uncovered: int = 0  # text dialogues with a turn no spoken training turn says
 
     def report(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
@@ -162,6 +173,7 @@ class DataOptions:
     text_input_ratio: float = 0.0    # share of dialogues whose user turns are given as text
     tasks: tuple[str, ...] = ("dialogue", "asr", "tts")  # which sample kinds to build (of TASKS)
     seed: int = 0
+    respoken_max: int | None = None  # at most this many "respoken" samples (None: every covered dialogue)
 
 
 class SampleBuilder:
@@ -218,7 +230,7 @@ class SampleBuilder:
         return sample
 
     # --- samples --------------------------------------------------------------------------------
-    def dialogue_sample(self, dialogue: Dialogue) -> LMSample | None:
+    def dialogue_sample(self, dialogue: Dialogue, task: str = "dialogue") -> LMSample | None:
         as_text = self._rng.random() < self.options.text_input_ratio
         exchanges = []
         first_user_is_speech = None
@@ -244,7 +256,7 @@ class SampleBuilder:
         if not exchanges:
             return None  # a lone user turn: nothing to learn
         system = dialogue.system if dialogue.system is not None else default_system(bool(first_user_is_speech))
-        return self._fit(system, exchanges, "dialogue", dialogue.id)
+        return self._fit(system, exchanges, task, dialogue.id)
 
     def asr_samples(self, dialogue: Dialogue) -> list[LMSample]:
         out = []
@@ -286,16 +298,46 @@ class SampleBuilder:
             return None
         return self._fit(SYSTEM_TEXT_ONLY, exchanges, "text", dialogue.id)
 
+    def respoken_dialogues(self, spoken: Sequence[Dialogue], text_dialogues: Sequence[Dialogue]) -> Iterator[Dialogue]:
+        """`text_dialogues` with speech: every turn gets the tokens of a turn of `spoken` with the
+        same (role, text, style), drawn with (seed, dialogue id). Uncovered dialogues are skipped."""
+        def key(turn: DialogueTurn) -> tuple:
+            return turn.role, turn.text, (turn.style or "normal") if turn.role == "assistant" else None
+
+        bank: dict[tuple, list[list[int]]] = {}
+        for d in spoken:
+            for turn in d.turns:
+                if turn.tokens is not None and turn.text:
+                    bank.setdefault(key(turn), []).append(turn.tokens)
+        for d in text_dialogues:
+            choices = [bank.get(key(turn)) for turn in d.turns]
+            if not all(choices):
+                self.stats.respoken_uncovered += 1
+                continue
+            rng = random.Random(f"{self.options.seed}:{d.id}")
+            turns = [DialogueTurn(t.role, t.text, None, rng.choice(c), t.style) for t, c in zip(d.turns, choices)]
+            yield Dialogue(f"{d.id}:respoken", turns, d.split, d.system)
+
     def build(self, dialogues: Sequence[Dialogue],
               text_dialogues: Sequence[Dialogue] | None = None) -> dict[str, list[LMSample]]:
         """Samples per task; `self.stats` counts what was built, truncated and skipped. The "text"
-        task reads `text_dialogues` when given, else the text of `dialogues`."""
+        task reads `text_dialogues` when given, else the text of `dialogues`; so does "respoken",
+        with the speech of `dialogues`."""
         out: dict[str, list[LMSample]] = {t: [] for t in self.options.tasks}
+        texts = dialogues if text_dialogues is None else text_dialogues
         if "text" in out:
-            for d in (dialogues if text_dialogues is None else text_dialogues):
+            for d in texts:
                 sample = self.text_sample(d)
                 if sample is not None:
                     out["text"].append(sample)
+        if "respoken" in out:
+            limit = self.options.respoken_max
+            for d in self.respoken_dialogues(dialogues, texts):
+                if limit is not None and len(out["respoken"]) >= limit:
+                    break
+                sample = self.dialogue_sample(d, task="respoken")
+                if sample is not None:
+                    out["respoken"].append(sample)
         for d in dialogues:
             for turn in d.turns:
                 if turn.tokens is not None and any(k >= self.vocab.speech_vocab_size for k in turn.tokens):

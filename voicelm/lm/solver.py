@@ -4,7 +4,8 @@ Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `v
 `text_manifest` for text-only dialogues),
 `text_tokenizer` (a file; none = train a BPE of `lm.text_vocab_size` on the training text),
 `init_from` (a voicelm checkpoint to fine-tune: its geometry, vocabulary and tokenizer win over
-`cfg.lm`), `mix` (task weights), `max_length`, `text_input_ratio`, `eval_generate`.
+`cfg.lm`), `mix` (task weights, of voicelm.lm.data.TASKS), `respoken_max`, `max_length`,
+`text_input_ratio`, `eval_generate`.
 
 Loss: next-token cross-entropy on the assistant answers and their stop token only; `text_loss`
 and `speech_loss` split it by the target's kind (text + stop tokens vs speech tokens).
@@ -113,7 +114,8 @@ class LMSolver(Solver):
             max_length=int(max_length), text_tokens=int(s.get("text_tokens", 13)),
             speech_tokens=int(s.get("speech_tokens", 26)), text_input_ratio=float(s.get("text_input_ratio", 0.0)),
             tasks=tuple(t for t in TASKS if float(_plain(s.get("mix")).get(t, 1.0 if t == "dialogue" else 0.0)) > 0),
-            seed=int(s.get("seed", 0)))
+            seed=int(s.get("seed", 0)),
+            respoken_max=int(s["respoken_max"]) if s.get("respoken_max") else None)
         self._prepared = True
 
     # --- Solver interface -------------------------------------------------------------------------
