@@ -10,6 +10,8 @@ Stages, in order (each reads what the earlier ones wrote under `out_dir`):
                tokens/lm_dialogues.jsonl (spoken corpus + voiced dialogues; skipped when 0)
     decoder    solver=decoder (flow) on the assistant voice                -> runs/decoder/export
     vocoder    solver=vocoder (HiFT) on the assistant voice                -> runs/vocoder/export
+    vocoder_ft solver=vocoder again, from that vocoder, on the mels the trained flow samples from the
+               assistant turns' tokens (targets: the true audio)          -> runs/vocoder_ft/export
     lm         solver=lm on the tokenized dialogues                        -> runs/lm/export
     export     the pipeline directory (tokenizer without ASR head, LM, flow + HiFT; cfg.pipeline.dtype)
     eval       voicelm.evaluate.evaluate_pipeline on the held-out dialogues -> eval/report.{json,md}
@@ -42,8 +44,9 @@ from voicelm.core.paths import CONF_DIR
 
 log = logging.getLogger("voicelm.recipe")
 
-STAGES = ("data", "tokenizer", "tokenize", "voiced", "decoder", "vocoder", "lm", "export", "eval")
-TRAIN_STAGES = ("tokenizer", "decoder", "vocoder", "lm")
+STAGES = ("data", "tokenizer", "tokenize", "voiced", "decoder", "vocoder", "vocoder_ft", "lm", "export", "eval")
+TRAIN_STAGES = ("tokenizer", "decoder", "vocoder", "vocoder_ft", "lm")
+SOLVER_OF = {"vocoder_ft": "vocoder"}  # training stages whose solver has another name
 RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
 LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when voiced.dialogues > 0
@@ -341,7 +344,7 @@ class Recipe:
 
         run_dir = self.runs_dir / stage
         resume = "false" if getattr(self, "fresh", False) else "true"  # --stages/--from: retrain from scratch
-        overrides = [f"solver={stage}", f"run_dir={run_dir}", f"seed={self.cfg['seed']}", f"resume={resume}",
+        overrides = [f"solver={SOLVER_OF.get(stage, stage)}", f"run_dir={run_dir}", f"seed={self.cfg['seed']}", f"resume={resume}",
                      *extra, *self.cfg["train"][stage]]
         log.info("stage %s: voicelm train %s", stage, " ".join(overrides))
         result = train(compose_config(overrides))
@@ -437,6 +440,17 @@ class Recipe:
         manifest = self.data_dir / "assistant.jsonl"
         return [self._train("vocoder", [f"solver.train_manifest={manifest}", "solver.valid_split=heldout"])]
 
+    def stage_vocoder_ft(self) -> list[Path]:
+        # At inference HiFT hears the flow's sampled mels, not true ones: fine-tune it on those
+        # (decoder/vocoder_solver.py), starting from the vocoder stage's generator and discriminator.
+        self.require("decoder")
+        self.require("vocoder")
+        return [self._train("vocoder_ft", [
+            f"solver.train_manifest={self.tokens_dir / 'assistant.jsonl'}", "solver.valid_split=heldout",
+            f"solver.init_from={self.runs_dir / 'vocoder' / 'checkpoints' / 'last'}",
+            f"solver.input_flow={self.runs_dir / 'decoder' / 'export'}",
+            f"solver.flow_mel_cache_dir={self.out / 'cache' / 'flow-mel'}"])]
+
     def stage_lm(self) -> list[Path]:
         self.require("tokenize")
         from voicelm.data.dialogues import TEXT_DIALOGUES_NAME
@@ -451,7 +465,7 @@ class Recipe:
         return [self._train("lm", extra)]
 
     def stage_export(self) -> list[Path]:
-        for stage in ("tokenizer", "decoder", "vocoder", "lm"):
+        for stage in TRAIN_STAGES:
             self.require(stage)
         import torch
         from decoder.hift import HiFTGenerator
@@ -464,7 +478,7 @@ class Recipe:
         tok = SpeechTokenizer.from_pretrained(self.runs_dir / "tokenizer" / "export")
         lm = VoiceLM.from_pretrained(self.runs_dir / "lm" / "export", dtype=torch.float32)
         flow_part = SpeechDecoder.from_pretrained(self.runs_dir / "decoder" / "export")
-        vocoder = HiFTGenerator.from_pretrained(self.runs_dir / "vocoder" / "export")
+        vocoder = HiFTGenerator.from_pretrained(self.runs_dir / "vocoder_ft" / "export")
         decoder = SpeechDecoder(flow_part.flow.config, vocoder)
         decoder.flow.load_state_dict(flow_part.flow.state_dict())
         info = {"name": self.cfg["pipeline"].get("name") or f"recipe-{self.cfg['name']}",

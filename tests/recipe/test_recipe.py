@@ -11,8 +11,9 @@ import json
 import time
 
 import pytest
+import torch
 
-from voicelm.recipe import STAGES, RecipeError, load_recipe_config, run_recipe, select_stages
+from voicelm.recipe import SOLVER_OF, STAGES, TRAIN_STAGES, RecipeError, load_recipe_config, run_recipe, select_stages
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -62,6 +63,11 @@ def test_every_stage_done_with_wall_times(smoke):
     assert all(r["id"].startswith("voiced-") and r["split"] == "train" for r in lm_rows[len(rows):])
     assert all(t["tokens"] and (out / "tokens" / t["audio"]).exists() for r in lm_rows for t in r["turns"])
     assert "lm_dialogues.jsonl" in (out / "runs" / "lm" / "config.yaml").read_text()
+    # The vocoder was fine-tuned on the trained flow's mels of the assistant turns, from the vocoder run.
+    ft = (out / "runs" / "vocoder_ft" / "config.yaml").read_text()
+    assert f"input_flow: {out / 'runs' / 'decoder' / 'export'}" in ft
+    assert f"init_from: {out / 'runs' / 'vocoder' / 'checkpoints' / 'last'}" in ft
+    assert any((out / "cache" / "flow-mel").glob("*.pt"))
 
 
 def test_rerun_skips_every_stage(smoke):
@@ -83,6 +89,10 @@ def test_pipeline_loads_and_answers_with_text_and_audio(smoke):
     assert not (pipeline_dir / "tokenizer" / "model.safetensors").read_bytes().count(b"asr_head.")
     pipeline = voicelm.load_pipeline(pipeline_dir)
     assert not pipeline.decoder.is_fallback_vocoder  # the trained HiFT, not Griffin-Lim
+    from safetensors.torch import load_file
+    tuned = load_file(str(smoke["out"] / "runs" / "vocoder_ft" / "export" / "model.safetensors"))
+    shipped = load_file(str(pipeline_dir / "decoder" / "model.safetensors"))
+    assert all(torch.equal(shipped[f"vocoder.{k}"], v.half()) for k, v in tuned.items())  # the fine-tuned one
     session = pipeline.session(seed=0, options={"temperature": 0.0})
     events = list(session.respond(text="what is seven plus five?", options={"max_new_tokens": 60}))
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
@@ -133,9 +143,10 @@ def test_demo_preset_composes_every_training_stage():
     cfg = load_recipe_config("demo")
     assert cfg["pipeline"]["dtype"] == "float16"
     assert "solver.init_whisper=base" in cfg["train"]["tokenizer"]
-    for stage in ("tokenizer", "decoder", "vocoder", "lm"):
-        composed = compose_config([f"solver={stage}", *cfg["train"][stage]])
-        assert composed.solver.name == stage
+    for stage in TRAIN_STAGES:
+        solver = SOLVER_OF.get(stage, stage)
+        composed = compose_config([f"solver={solver}", *cfg["train"][stage]])
+        assert composed.solver.name == solver
 
 
 def test_two_recipe_processes_keep_each_others_status(tmp_path):
