@@ -47,6 +47,7 @@ log = logging.getLogger("voicelm.recipe")
 STAGES = ("data", "tokenizer", "tokenize", "voiced", "decoder", "vocoder", "vocoder_ft", "lm", "export", "eval")
 TRAIN_STAGES = ("tokenizer", "decoder", "vocoder", "vocoder_ft", "lm")
 SOLVER_OF = {"vocoder_ft": "vocoder"}  # training stages whose solver has another name
+OPTIONAL_STAGES = ("vocoder_ft",)  # `train.<stage>: null` turns them off
 RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
 LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when voiced.dialogues > 0
@@ -89,6 +90,9 @@ def load_recipe_config(preset: str, overrides: list[str] = ()):
             raise RecipeError(f"override {item!r}: the recipe has no key {key!r} (see {path})")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
     for stage, extra in stage_extra.items():
+        if cfg.train.get(stage) is None:
+            raise RecipeError(f"{stage}:... overrides given, but train.{stage} is null in {path} (the stage is off); "
+                              f"give the stage a list of overrides there to turn it on")
         cfg.train[stage] = list(cfg.train[stage]) + extra
     container = OmegaConf.to_container(cfg, resolve=True)
     _validate(container, path)
@@ -116,6 +120,8 @@ def _validate(cfg: dict, path: Path) -> None:
         problems.append(f"data.jobs must be an integer >= 1 (got {data.get('jobs')!r})")
     for stage in TRAIN_STAGES:
         overrides = cfg["train"].get(stage)
+        if stage in OPTIONAL_STAGES and overrides is None:
+            continue
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             problems.append(f"train.{stage} must be a list of hydra overrides KEY=VALUE (got {overrides!r})")
     if cfg["pipeline"].get("dtype") not in EXPORT_DTYPES:
@@ -167,7 +173,7 @@ class Recipe:
         c = self.cfg
         section = {"data": c["data"], "tokenize": c["tokenize"], "voiced": c.get("voiced") or {},
                    "export": c["pipeline"], "eval": c["eval"],
-                   **{name: c["train"][name] for name in TRAIN_STAGES}}[stage]
+                   **{name: c["train"].get(name) for name in TRAIN_STAGES}}[stage]
         return {"seed": c["seed"], "settings": section}
 
     def settings_hash(self, stage: str) -> str:
@@ -308,6 +314,9 @@ class Recipe:
         self.write_status(status)
         return status
 
+    def enabled(self, stage: str) -> bool:
+        return stage not in OPTIONAL_STAGES or self.cfg["train"].get(stage) is not None
+
     def require(self, stage: str) -> dict:
         info = self.is_done(stage)
         if info is None:
@@ -443,6 +452,9 @@ class Recipe:
     def stage_vocoder_ft(self) -> list[Path]:
         # At inference HiFT hears the flow's sampled mels, not true ones: fine-tune it on those
         # (decoder/vocoder_solver.py), starting from the vocoder stage's generator and discriminator.
+        if not self.enabled("vocoder_ft"):
+            log.info("stage vocoder_ft: off (train.vocoder_ft is null); the export ships the vocoder stage's HiFT")
+            return None
         self.require("decoder")
         self.require("vocoder")
         return [self._train("vocoder_ft", [
@@ -466,7 +478,8 @@ class Recipe:
 
     def stage_export(self) -> list[Path]:
         for stage in TRAIN_STAGES:
-            self.require(stage)
+            if self.enabled(stage):
+                self.require(stage)
         import torch
         from decoder.hift import HiFTGenerator
         from decoder.model import SpeechDecoder
@@ -478,7 +491,8 @@ class Recipe:
         tok = SpeechTokenizer.from_pretrained(self.runs_dir / "tokenizer" / "export")
         lm = VoiceLM.from_pretrained(self.runs_dir / "lm" / "export", dtype=torch.float32)
         flow_part = SpeechDecoder.from_pretrained(self.runs_dir / "decoder" / "export")
-        vocoder = HiFTGenerator.from_pretrained(self.runs_dir / "vocoder_ft" / "export")
+        vocoder = HiFTGenerator.from_pretrained(
+            self.runs_dir / ("vocoder_ft" if self.enabled("vocoder_ft") else "vocoder") / "export")
         decoder = SpeechDecoder(flow_part.flow.config, vocoder)
         decoder.flow.load_state_dict(flow_part.flow.state_dict())
         info = {"name": self.cfg["pipeline"].get("name") or f"recipe-{self.cfg['name']}",

@@ -102,6 +102,23 @@ def test_pipeline_loads_and_answers_with_text_and_audio(smoke):
     assert isinstance(events[-1], TurnEnd)
 
 
+def test_vocoder_ft_off_ships_the_vocoder_stages_hift(smoke, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke["out"], out, ignore=shutil.ignore_patterns("cache", "tensorboard"))
+    args = [f"out_dir={out}", "train.vocoder_ft=null"]
+    status = run_recipe("smoke", args, stages="vocoder_ft,export")
+    assert status["stages"]["vocoder_ft"]["state"] == "skipped" and status["stages"]["export"]["state"] == "done"
+    plain = load_file(str(out / "runs" / "vocoder" / "export" / "model.safetensors"))
+    shipped = load_file(str(out / "pipeline" / "decoder" / "model.safetensors"))
+    assert all(torch.equal(shipped[f"vocoder.{k}"], v.half()) for k, v in plain.items())
+    with pytest.raises(RecipeError, match="train.vocoder_ft is null"):
+        load_recipe_config("smoke", ["train.vocoder_ft=null", "vocoder_ft:solver.steps=3"])
+
+
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(RecipeError, match="known presets"):
         load_recipe_config("nope")
