@@ -439,15 +439,18 @@ class _Trainer:
         """Rebuild the lr schedules of a resumed run: the checkpoint's origins if `steps` is
         unchanged; if it changed, a new origin at the lr each optimizer has now ("continue",
         once warmup is over) or none, the plain schedule on the new length ("stretch")."""
-        step, old_steps, o = int(state["step"]), int(state["steps"]), self.optim
+        old_steps, o = int(state["steps"]), self.optim
         origins = {name: tuple(v) for name, v in (state.get("schedule_origins") or {}).items()}
         if old_steps != o.steps:
-            if o.extend_lr == "continue" and step >= o.warmup_steps:
-                origins = {name: (step, s.get_last_lr()[0] / s.base_lrs[0]) for name, s in self.schedulers.items()}
+            # Each scheduler counts its own steps (a GAN discriminator's start late): its origin is
+            # its own step count and the factor it has reached there.
+            origins = {} if o.extend_lr == "stretch" else {
+                name: (s.last_epoch, s.get_last_lr()[0] / s.base_lrs[0] if s.base_lrs[0] else 1.0)
+                for name, s in self.schedulers.items() if s.last_epoch >= o.warmup_steps}
+            if origins:
                 how = "decays from the lr it has now (x%.3g) to x%g at the new last step" % (
                     max(f for _, f in origins.values()), o.min_lr_ratio)
             else:
-                origins = {}
                 how = "restarts on the new length (solver.extend_lr=stretch or warmup not over)"
             log.warning("%s: solver.steps changed from %d to %d since the checkpoint; the lr schedule %s",
                         self.solver_name, old_steps, o.steps, how)
