@@ -56,18 +56,23 @@ class MelCache:
 
     def get(self, path: Path) -> torch.Tensor:
         key = self._key(path)
-        if key in self.memory:
-            return self.memory[key]
-        cached = self.directory / f"{key}.pt" if self.directory else None
-        if cached is not None and cached.exists():
-            mel = torch.load(cached, weights_only=True)
-        else:
-            wav = load_audio(path, DECODER_SAMPLE_RATE)
-            mel = mel_spectrogram(wav)  # (80, frames)
-            if cached is not None:
-                atomic_write_file(cached, lambda tmp: torch.save(mel, tmp))
-        self.memory[key] = mel
-        return mel
+        if key not in self.memory:
+            self.memory[key] = cached_tensor(self.directory, key,
+                                             lambda: mel_spectrogram(load_audio(path, DECODER_SAMPLE_RATE)))
+        return self.memory[key]
+
+
+def cached_tensor(directory: Path | None, key: str, compute) -> torch.Tensor:
+    """`directory/<key>.pt` if it exists, else `compute()`, saved there atomically (no directory:
+    just computed)."""
+    cached = directory / f"{key}.pt" if directory else None
+    if cached is not None and cached.exists():
+        return torch.load(cached, weights_only=True)
+    value = compute()
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_file(cached, lambda tmp: torch.save(value, tmp))
+    return value
 
 
 class FlowExamples:

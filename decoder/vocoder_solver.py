@@ -50,7 +50,7 @@ from decoder.f0 import estimate_f0
 from decoder.hift import HiFTConfig, HiFTGenerator
 from decoder.mel import MelConfig, mel_spectrogram
 from voicelm.core.audio import DECODER_SAMPLE_RATE, load_audio
-from voicelm.core.checkpoint import atomic_write_file, config_from_dict, load_state_strict
+from voicelm.core.checkpoint import config_from_dict, load_state_strict
 from voicelm.core.manifest import ManifestError, iter_split, read_manifest
 from voicelm.core.solver import Solver
 
@@ -122,7 +122,7 @@ def _generator_input(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 class FlowMels:
     """The mel a decoder's flow model samples from stored speech tokens (offline, its fixed noise),
-    computed once per (flow weights, tokens): in memory, and as .pt files under `cache_dir`."""
+    computed once per (flow weights, tokens), kept as .pt files under `cache_dir` when given."""
 
     def __init__(self, decoder_dir: str | Path, cache_dir: str | Path | None):
         from decoder.cli import resolve_checkpoint
@@ -138,16 +138,11 @@ class FlowMels:
         self.vocab_size = self.decoder.flow.config.vocab_size
 
     def get(self, tokens: list[int]) -> torch.Tensor:
+        from decoder.solver import cached_tensor
+
         key = hashlib.sha1(f"{self.flow_id}|{','.join(map(str, tokens))}".encode()).hexdigest()
-        cached = self.cache_dir / f"{key}.pt" if self.cache_dir else None
-        if cached is not None and cached.exists():
-            return torch.load(cached, weights_only=True)
         with torch.no_grad():
-            mel = self.decoder.decode_mel(tokens).float().cpu()
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_file(cached, lambda tmp: torch.save(mel, tmp))
-        return mel
+            return cached_tensor(self.cache_dir, key, lambda: self.decoder.decode_mel(tokens).float().cpu())
 
 
 def _fit_frames(mel: torch.Tensor, frames: int) -> torch.Tensor:
