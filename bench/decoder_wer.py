@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--vocoder", type=Path, help="HiFT weights from a vocoder training checkpoint")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the decoder's)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the decoder's)")
+    parser.add_argument("--noise-scale", type=float, default=None, help="starting-noise scale (default: the decoder's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +89,8 @@ def main() -> None:
     _load_weights(decoder, args.flow, args.vocoder)
     if args.cfg is not None:
         decoder.flow.config.inference_cfg_rate = args.cfg
+    if args.noise_scale is not None:
+        decoder.flow.config.noise_scale = args.noise_scale
     griffin_lim = GriffinLimVocoder()
     judge = load_whisper("base")
     rate = DECODER_SAMPLE_RATE
@@ -115,7 +118,8 @@ def main() -> None:
     references = [text for text, _, _ in answers]
     print(f"\n{len(answers)} held-out answers of {args.recipe_dir}; pipeline {args.pipeline}"
           f"{'; flow ' + str(args.flow) if args.flow else ''}{'; vocoder ' + str(args.vocoder) if args.vocoder else ''}; "
-          f"{args.steps or decoder.flow.config.n_timesteps} Euler steps, guidance {decoder.flow.config.inference_cfg_rate}; "
+          f"{args.steps or decoder.flow.config.n_timesteps} Euler steps, guidance {decoder.flow.config.inference_cfg_rate}, "
+          f"noise scale {decoder.flow.config.noise_scale}; "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {time.perf_counter() - start:.0f} s")
     print("| path | Whisper base WER |\n|---|---|")
     for row in ROWS:

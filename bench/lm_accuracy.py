@@ -43,8 +43,22 @@ def held_out_dialogues(recipe_dir: Path, count: int) -> list[dict]:
     return rows
 
 
+def _task_row(answer: dict) -> str:
+    """The table row of an exchange: its task, and for sums the operation ("arithmetic (times)"),
+    since held-out products and sums fail differently."""
+    from voicelm.data.dialogue_text import OPERATIONS
+
+    task = answer["task"]
+    if task in ("arithmetic", "follow_up"):
+        words = answer["text"].split()
+        ops = [op for op in OPERATIONS if op in words]
+        if ops:
+            return f"{task} ({ops[0]})"
+    return task
+
+
 def score(lm, dialogues: list[dict], asked: str) -> tuple[dict, list[tuple[str, str, str]]]:
-    """-> ({(task, held-out?): [right, asked]}, [(question, reference, answer) of held-out misses])."""
+    """-> ({(task row, held-out?): [right, asked]}, [(question, reference, answer) of held-out misses])."""
     from voicelm.evaluate import answer_correct
     from voicelm.lm.generate import SamplingOptions, VoiceLMGen
     from voicelm.lm.prompt import AssistantTurn, UserTurn, build_prompt
@@ -63,7 +77,7 @@ def score(lm, dialogues: list[dict], asked: str) -> tuple[dict, list[tuple[str, 
             generation.run()
             said = generation.text()
             right = answer_correct(answer["answer"], said, reference=answer["text"])
-            key = (answer["task"], bool(answer.get("heldout")))
+            key = (_task_row(answer), bool(answer.get("heldout")))
             tally[key][0] += right
             tally[key][1] += 1
             if not right and answer.get("heldout"):

@@ -239,6 +239,7 @@ class StreamingDecoder:
             mu = mu[:, :, start - regulator_start:]  # (1, 80, available - start)
             device, dtype = mu.device, mu.dtype
             noise = stream_noise(config.noise_seed, start, available, config.n_mels, device)[None].to(dtype)
+            noise = config.noise_scale * noise
             pinned = None
             if self._trajectory is not None and emitted > start:
                 pinned = self._trajectory[..., -(emitted - start):]

@@ -28,6 +28,7 @@ override to one training stage (e.g. `lm:solver.steps=50`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import inspect
@@ -50,6 +51,14 @@ SOLVER_OF = {"vocoder_ft": "vocoder"}  # training stages whose solver has anothe
 OPTIONAL_STAGES = ("vocoder_ft",)  # `train.<stage>: null` turns them off
 RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
+# `pipeline.decoder_inference`: sampling settings the export writes into the shipped flow's config
+# (chosen after training, e.g. with bench/decoder_wer.py), each with its check
+OPEN_MAPPINGS = ("pipeline.decoder_inference",)  # overrides may add keys to these
+DECODER_INFERENCE = {
+    "n_timesteps": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "inference_cfg_rate": ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "noise_scale": ("a number > 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+}
 LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when voiced.dialogues > 0
 
 
@@ -86,7 +95,9 @@ def load_recipe_config(preset: str, overrides: list[str] = ()):
                               f"or STAGE:KEY=VALUE for one training stage (e.g. lm:solver.steps=50)")
     for item in dotlist:
         key = item.split("=", 1)[0]
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+        # keys of an open mapping (pipeline.decoder_inference) are checked by name in _validate
+        open_mapping = key.rsplit(".", 1)[0] in OPEN_MAPPINGS
+        if not open_mapping and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise RecipeError(f"override {item!r}: the recipe has no key {key!r} (see {path})")
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
     for stage, extra in stage_extra.items():
@@ -128,6 +139,16 @@ def _validate(cfg: dict, path: Path) -> None:
         problems.append(f"pipeline.dtype must be one of {EXPORT_DTYPES} (got {cfg['pipeline'].get('dtype')!r})")
     if not cfg["pipeline"].get("dir"):
         problems.append("pipeline.dir is required (where the pipeline directory goes)")
+    inference = cfg["pipeline"].get("decoder_inference") or {}
+    if not isinstance(inference, dict):
+        problems.append(f"pipeline.decoder_inference must be a mapping of {sorted(DECODER_INFERENCE)} (got {inference!r})")
+    else:
+        for key, value in inference.items():
+            if key not in DECODER_INFERENCE:
+                problems.append(f"pipeline.decoder_inference.{key} is not a decoder sampling setting "
+                                f"(use {', '.join(sorted(DECODER_INFERENCE))})")
+            elif not DECODER_INFERENCE[key][1](value):
+                problems.append(f"pipeline.decoder_inference.{key} must be {DECODER_INFERENCE[key][0]} (got {value!r})")
     if problems:
         raise RecipeError(f"{path}: " + "; ".join(problems))
 
@@ -493,7 +514,8 @@ class Recipe:
         flow_part = SpeechDecoder.from_pretrained(self.runs_dir / "decoder" / "export")
         vocoder = HiFTGenerator.from_pretrained(
             self.runs_dir / ("vocoder_ft" if self.enabled("vocoder_ft") else "vocoder") / "export")
-        decoder = SpeechDecoder(flow_part.flow.config, vocoder)
+        inference = dict(self.cfg["pipeline"].get("decoder_inference") or {})
+        decoder = SpeechDecoder(dataclasses.replace(flow_part.flow.config, **inference), vocoder)
         decoder.flow.load_state_dict(flow_part.flow.state_dict())
         info = {"name": self.cfg["pipeline"].get("name") or f"recipe-{self.cfg['name']}",
                 "description": self.cfg["pipeline"].get("description", ""), "random_weights": False,

@@ -61,6 +61,27 @@ def test_streamed_mel_matches_offline_within_stated_tolerance(decoder):
     assert (worse - offline).abs().mean() > diff.abs().mean()
 
 
+def test_noise_scale_is_a_sampling_temperature_and_streams_like_offline(decoder):
+    ids = tokens(77)
+    config = decoder.flow.config
+    try:
+        mels = {}
+        for scale in (1.0, 0.5, 1e-4):
+            config.noise_scale = scale
+            mels[scale] = decoder.decode_mel(ids)
+        # a lower temperature starts nearer the noise-free path and ends nearer its mel
+        assert (mels[0.5] - mels[1e-4]).abs().mean() < (mels[1.0] - mels[1e-4]).abs().mean()
+        config.noise_scale = 0.5
+        stream = StreamingDecoder(decoder, vocode=False)
+        streamed = torch.cat(stream.push(ids) + stream.finish(), dim=1)
+        assert streamed.shape == mels[0.5].shape
+        assert (streamed - mels[0.5]).norm() / mels[0.5].norm() < STREAM_MEL_REL_L2
+    finally:
+        config.noise_scale = 1.0
+    with pytest.raises(ValueError, match="noise_scale must be > 0"):
+        FlowConfig(noise_scale=0.0)
+
+
 def test_joins_have_no_discontinuity(decoder):
     ids = tokens(97, seed=3)
     stream = StreamingDecoder(decoder, vocode=False)

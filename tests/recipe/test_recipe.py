@@ -119,6 +119,26 @@ def test_vocoder_ft_off_ships_the_vocoder_stages_hift(smoke, tmp_path):
         load_recipe_config("smoke", ["train.vocoder_ft=null", "vocoder_ft:solver.steps=3"])
 
 
+def test_decoder_sampling_settings_are_written_into_the_shipped_flow(smoke, tmp_path):
+    import shutil
+
+    from voicelm.pipeline import load_pipeline
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke["out"], out, ignore=shutil.ignore_patterns("cache", "tensorboard", "eval"))
+    trained = load_pipeline(smoke["out"] / "pipeline").decoder.flow.config
+    args = [f"out_dir={out}", "pipeline.decoder_inference.noise_scale=0.6", "pipeline.decoder_inference.n_timesteps=3"]
+    status = run_recipe("smoke", args, stages="export")
+    assert status["stages"]["export"]["state"] == "done" and not status["stages"]["export"]["skipped_last_run"]
+    shipped = load_pipeline(out / "pipeline").decoder.flow.config
+    assert (shipped.noise_scale, shipped.n_timesteps) == (0.6, 3)
+    assert shipped.inference_cfg_rate == trained.inference_cfg_rate and trained.noise_scale == 1.0
+    with pytest.raises(RecipeError, match="decoder_inference.noise_scale must be a number > 0"):
+        load_recipe_config("smoke", ["pipeline.decoder_inference.noise_scale=0"])
+    with pytest.raises(RecipeError, match="decoder_inference.temperature is not a decoder sampling setting"):
+        load_recipe_config("smoke", ["pipeline.decoder_inference.temperature=0.5"])
+
+
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(RecipeError, match="known presets"):
         load_recipe_config("nope")
