@@ -103,6 +103,36 @@ class FlowConfig:
             raise ValueError(f"unet_channels {self.unet_channels} must be multiples of 8 (group norm groups)")
 
 
+def _whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The inference-only settings of a flow: changed after training (a shipped model's steps, guidance,
+# temperature) without touching its weights. name -> (what it must be, check)
+SAMPLING_SETTINGS = {
+    "n_timesteps": ("an integer >= 1", lambda v: _whole_number(v) and v >= 1),
+    "inference_cfg_rate": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "noise_scale": ("a number > 0", lambda v: _number(v) and v > 0),
+}
+
+
+def with_sampling(config: FlowConfig, settings) -> FlowConfig:
+    """`config` with the sampling settings in the mapping `settings` replaced; a clear ValueError
+    for a name that is not one of SAMPLING_SETTINGS or a value out of range."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"sampling settings must be a mapping of {', '.join(SAMPLING_SETTINGS)} (got {settings!r})")
+    for name, value in settings.items():
+        if name not in SAMPLING_SETTINGS:
+            raise ValueError(f"{name} is not a flow sampling setting (use {', '.join(SAMPLING_SETTINGS)})")
+        if not SAMPLING_SETTINGS[name][1](value):
+            raise ValueError(f"{name} must be {SAMPLING_SETTINGS[name][0]} (got {value!r})")
+    return dataclasses.replace(config, **settings)
+
+
 class FlowInputError(ValueError):
     """Tokens or conditions the flow model cannot use; the message says what to do."""
 

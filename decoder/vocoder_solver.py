@@ -19,15 +19,19 @@ sampled mel, not the true one. With `input_flow` = a decoder part directory, the
 input (and the F0 predictor's) is the mel that flow samples from each row's stored `tokens`
 (offline, its fixed noise), while every target (audio, mel, F0) stays the true recording: the
 vocoder learns to turn the flow's smoothed mels into the real voice. The sampled mels are
-computed once per row and kept under `flow_mel_cache_dir` (keyed by the flow's weights and the
-tokens). `init_from` starts from a trained vocoder: a vocoder part directory (generator only)
-or a training checkpoint directory (`runs/vocoder/checkpoints/last`: generator + discriminator).
+computed once per row and kept under `flow_mel_cache_dir` (keyed by the flow's weights, config,
+sampling settings and the tokens). `input_flow_sampling` samples them with other settings than
+the decoder part's own (`{noise_scale: 0.5}`): the ones the shipped pipeline uses, so HiFT learns
+the mels it will hear. `init_from` starts from a trained vocoder: a vocoder part directory
+(generator only) or a training checkpoint directory (`runs/vocoder/checkpoints/last`: generator +
+discriminator).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -122,17 +126,25 @@ def _generator_input(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 class FlowMels:
     """The mel a decoder's flow model samples from stored speech tokens (offline, its fixed noise),
-    computed once per (flow weights, tokens), kept as .pt files under `cache_dir` when given."""
+    computed once per (flow weights and config, tokens), kept as .pt files under `cache_dir` when
+    given. The config is part of the key: its sampling settings (steps, guidance, noise_scale)
+    change the mel as much as the weights do."""
 
-    def __init__(self, decoder_dir: str | Path, cache_dir: str | Path | None):
+    def __init__(self, decoder_dir: str | Path, cache_dir: str | Path | None, sampling: dict | None = None):
         from decoder.cli import resolve_checkpoint
+        from decoder.flow import with_sampling
         from decoder.model import SpeechDecoder
 
         directory = resolve_checkpoint(str(decoder_dir))
         self.decoder = SpeechDecoder.from_pretrained(directory).float().eval()
+        try:
+            self.decoder.flow.config = with_sampling(self.decoder.flow.config, dict(sampling or {}))
+        except ValueError as exc:
+            raise ValueError(f"solver.input_flow_sampling: {exc}") from None
         digest = hashlib.sha1()
-        for name in sorted(p.name for p in directory.glob("*.safetensors")):
+        for name in sorted(p.name for p in directory.glob("*.safetensors")) + ["config.json"]:
             digest.update((directory / name).read_bytes())
+        digest.update(json.dumps(dict(sampling or {}), sort_keys=True).encode())
         self.flow_id = digest.hexdigest()[:16]
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.vocab_size = self.decoder.flow.config.vocab_size
@@ -307,7 +319,9 @@ class VocoderSolver(Solver):
                              "(make one with `voicelm data synth`)")
         # Rows without a `split` field count as train (voicelm.core.manifest.iter_split).
         input_flow = _get(self.settings, "input_flow")
-        self.flow_mels = None if input_flow is None else FlowMels(input_flow, _get(self.settings, "flow_mel_cache_dir"))
+        sampling = _container(_get(self.settings, "input_flow_sampling"))
+        self.flow_mels = None if input_flow is None else FlowMels(input_flow, _get(self.settings, "flow_mel_cache_dir"),
+                                                                  sampling)
         train_paths, train_mels = self._utterances(train_manifest, _get(self.settings, "train_split", "train"))
         train = SegmentDataset(train_paths, self.segment_frames, random_crop=True, seed=self.seed, input_mels=train_mels)
         workers = int(_get(self.settings, "num_workers", 0))

@@ -28,7 +28,6 @@ override to one training stage (e.g. `lm:solver.steps=50`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import importlib.util
 import inspect
@@ -40,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from voicelm.core.checkpoint import atomic_write_dir, atomic_write_file
+from voicelm.core.checkpoint import atomic_write_dir, atomic_write_file, same_safetensors
 from voicelm.core.paths import CONF_DIR
 
 log = logging.getLogger("voicelm.recipe")
@@ -51,14 +50,7 @@ SOLVER_OF = {"vocoder_ft": "vocoder"}  # training stages whose solver has anothe
 OPTIONAL_STAGES = ("vocoder_ft",)  # `train.<stage>: null` turns them off
 RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
-# `pipeline.decoder_inference`: sampling settings the export writes into the shipped flow's config
-# (chosen after training, e.g. with bench/decoder_wer.py), each with its check
-OPEN_MAPPINGS = ("pipeline.decoder_inference",)  # overrides may add keys to these
-DECODER_INFERENCE = {
-    "n_timesteps": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-    "inference_cfg_rate": ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
-    "noise_scale": ("a number > 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
-}
+OPEN_MAPPINGS = ("pipeline.decoder_inference",)  # overrides may add keys to these (checked in _validate)
 LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when voiced.dialogues > 0
 
 
@@ -139,16 +131,14 @@ def _validate(cfg: dict, path: Path) -> None:
         problems.append(f"pipeline.dtype must be one of {EXPORT_DTYPES} (got {cfg['pipeline'].get('dtype')!r})")
     if not cfg["pipeline"].get("dir"):
         problems.append("pipeline.dir is required (where the pipeline directory goes)")
-    inference = cfg["pipeline"].get("decoder_inference") or {}
-    if not isinstance(inference, dict):
-        problems.append(f"pipeline.decoder_inference must be a mapping of {sorted(DECODER_INFERENCE)} (got {inference!r})")
-    else:
-        for key, value in inference.items():
-            if key not in DECODER_INFERENCE:
-                problems.append(f"pipeline.decoder_inference.{key} is not a decoder sampling setting "
-                                f"(use {', '.join(sorted(DECODER_INFERENCE))})")
-            elif not DECODER_INFERENCE[key][1](value):
-                problems.append(f"pipeline.decoder_inference.{key} must be {DECODER_INFERENCE[key][0]} (got {value!r})")
+    # sampling settings the export writes into the shipped flow (chosen after training, e.g. with
+    # bench/decoder_wer.py), and vocoder_ft samples its input mels with
+    from decoder.flow import FlowConfig, with_sampling
+
+    try:
+        with_sampling(FlowConfig(), cfg["pipeline"].get("decoder_inference") or {})
+    except ValueError as exc:
+        problems.append(f"pipeline.decoder_inference: {exc}")
     if problems:
         raise RecipeError(f"{path}: " + "; ".join(problems))
 
@@ -195,6 +185,9 @@ class Recipe:
         section = {"data": c["data"], "tokenize": c["tokenize"], "voiced": c.get("voiced") or {},
                    "export": c["pipeline"], "eval": c["eval"],
                    **{name: c["train"].get(name) for name in TRAIN_STAGES}}[stage]
+        if stage == "vocoder_ft" and c["pipeline"].get("decoder_inference"):
+            # its input mels are sampled the way the shipped flow samples
+            section = {"train": section, "input_flow_sampling": c["pipeline"]["decoder_inference"]}
         return {"seed": c["seed"], "settings": section}
 
     def settings_hash(self, stage: str) -> str:
@@ -482,6 +475,9 @@ class Recipe:
             f"solver.train_manifest={self.tokens_dir / 'assistant.jsonl'}", "solver.valid_split=heldout",
             f"solver.init_from={self.runs_dir / 'vocoder' / 'checkpoints' / 'last'}",
             f"solver.input_flow={self.runs_dir / 'decoder' / 'export'}",
+            # the mels inference will feed it: sampled with the shipped flow's settings
+            "solver.input_flow_sampling={" + ",".join(
+                f"{k}:{v}" for k, v in (self.cfg["pipeline"].get("decoder_inference") or {}).items()) + "}",
             f"solver.flow_mel_cache_dir={self.out / 'cache' / 'flow-mel'}"])]
 
     def stage_lm(self) -> list[Path]:
@@ -502,6 +498,7 @@ class Recipe:
             if self.enabled(stage):
                 self.require(stage)
         import torch
+        from decoder.flow import with_sampling
         from decoder.hift import HiFTGenerator
         from decoder.model import SpeechDecoder
         from tokenizer import SpeechTokenizer
@@ -514,8 +511,8 @@ class Recipe:
         flow_part = SpeechDecoder.from_pretrained(self.runs_dir / "decoder" / "export")
         vocoder = HiFTGenerator.from_pretrained(
             self.runs_dir / ("vocoder_ft" if self.enabled("vocoder_ft") else "vocoder") / "export")
-        inference = dict(self.cfg["pipeline"].get("decoder_inference") or {})
-        decoder = SpeechDecoder(dataclasses.replace(flow_part.flow.config, **inference), vocoder)
+        sampling = dict(self.cfg["pipeline"].get("decoder_inference") or {})
+        decoder = SpeechDecoder(with_sampling(flow_part.flow.config, sampling), vocoder)
         decoder.flow.load_state_dict(flow_part.flow.state_dict())
         info = {"name": self.cfg["pipeline"].get("name") or f"recipe-{self.cfg['name']}",
                 "description": self.cfg["pipeline"].get("description", ""), "random_weights": False,
@@ -527,6 +524,10 @@ class Recipe:
             decoder.save_pretrained(tmp / "decoder", dtype=dtype)
             (tmp / PIPELINE_FILE).write_text(json.dumps(info, indent=2) + "\n")
             load_pipeline(tmp)  # the contracts (vocab, rates) are checked before anything is published
+            for new in tmp.rglob("*.safetensors"):  # unchanged weights stay byte for byte (git history)
+                old = self.pipeline_dir / new.relative_to(tmp)
+                if old.is_file() and same_safetensors(old, new):
+                    shutil.copyfile(old, new)
         size = sum(p.stat().st_size for p in self.pipeline_dir.rglob("*") if p.is_file())
         log.info("stage export: %s (%.1f MB, %s)", self.pipeline_dir, size / 1e6, self.cfg["pipeline"]["dtype"])
         return [self.pipeline_dir]

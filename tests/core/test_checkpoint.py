@@ -160,3 +160,20 @@ def test_atomic_dir_and_file_helpers(tmp_path):
     assert list(tmp_path.iterdir()) == []
     atomic_write_file(tmp_path / "f.txt", lambda p: open(p, "w").write("done"))
     assert (tmp_path / "f.txt").read_text() == "done"
+
+
+def test_same_safetensors_compares_tensors_and_metadata_not_bytes(tmp_path):
+    from safetensors.torch import save_file
+
+    from voicelm.core.checkpoint import same_safetensors
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.float16)}
+    meta = {"kind": "lm", "format_version": "1"}
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=meta)
+    save_file(dict(reversed(list(tensors.items()))), str(tmp_path / "b.safetensors"), metadata=dict(reversed(list(meta.items()))))
+    assert same_safetensors(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    changed = {**tensors, "w": tensors["w"].clone().index_fill_(1, torch.tensor([2]), 7.0)}
+    for other, extra in ((changed, meta), ({**tensors, "b": tensors["b"].float()}, meta),
+                         ({"w": tensors["w"]}, meta), (tensors, {"kind": "decoder", "format_version": "1"})):
+        save_file(other, str(tmp_path / "c.safetensors"), metadata=extra)
+        assert not same_safetensors(tmp_path / "a.safetensors", tmp_path / "c.safetensors")

@@ -237,6 +237,27 @@ def test_fine_tuning_on_the_flows_mels_feeds_them_and_keeps_the_true_targets(man
     train2, _ = again.build_dataloaders()
     assert all(torch.equal(a, b) for a, b in zip(train2.dataset.input_mels, dataset.input_mels))
 
+    # The same weights sampled with other settings are not served the cached mels of the first:
+    # they are sampled anew, whether the settings come from the part's config.json or from
+    # solver.input_flow_sampling (the shipped pipeline's, for a recipe).
+    monkeypatch.undo()
+    cooler = tmp_path / "cooler-decoder"
+    shutil.copytree(flow_dir, cooler)
+    config = json.loads((cooler / "config.json").read_text())
+    config["config"]["flow"]["noise_scale"] = 0.5
+    (cooler / "config.json").write_text(json.dumps(config))
+    by_config = VocoderSolver(_cfg(tokens_manifest, input_flow=str(cooler), flow_mel_cache_dir=str(cache)))
+    by_config_mels = by_config.build_dataloaders()[0].dataset.input_mels
+    assert len(list(cache.glob("*.pt"))) == 2 * len(rows)
+    assert not any(torch.allclose(a, b) for a, b in zip(by_config_mels, dataset.input_mels))
+    by_setting = VocoderSolver(_cfg(tokens_manifest, input_flow=str(flow_dir), flow_mel_cache_dir=str(cache),
+                                    input_flow_sampling={"noise_scale": 0.5}))
+    by_setting_mels = by_setting.build_dataloaders()[0].dataset.input_mels
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(by_setting_mels, by_config_mels))
+    with pytest.raises(ValueError, match="solver.input_flow_sampling: steps is not a flow sampling setting"):
+        VocoderSolver(_cfg(tokens_manifest, input_flow=str(flow_dir), input_flow_sampling={"steps": 4})
+                      ).build_dataloaders()
+
 
 def test_flow_fine_tuning_needs_stored_tokens(manifest, flow_dir):
     solver = VocoderSolver(_cfg(manifest, input_flow=str(flow_dir)))

@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from voicelm.recipe import SOLVER_OF, STAGES, TRAIN_STAGES, RecipeError, load_recipe_config, run_recipe, select_stages
+from voicelm.recipe import (SOLVER_OF, STAGES, TRAIN_STAGES, Recipe, RecipeError, load_recipe_config, run_recipe,
+                            select_stages)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -131,11 +132,19 @@ def test_decoder_sampling_settings_are_written_into_the_shipped_flow(smoke, tmp_
     status = run_recipe("smoke", args, stages="export")
     assert status["stages"]["export"]["state"] == "done" and not status["stages"]["export"]["skipped_last_run"]
     shipped = load_pipeline(out / "pipeline").decoder.flow.config
+    for part in ("tokenizer", "voicelm"):  # re-exported unchanged: kept byte for byte (no git churn)
+        weights = f"pipeline/{part}/model.safetensors"
+        assert (out / weights).read_bytes() == (smoke["out"] / weights).read_bytes()
     assert (shipped.noise_scale, shipped.n_timesteps) == (0.6, 3)
     assert shipped.inference_cfg_rate == trained.inference_cfg_rate and trained.noise_scale == 1.0
-    with pytest.raises(RecipeError, match="decoder_inference.noise_scale must be a number > 0"):
+    # vocoder_ft's input mels are sampled that way too: its settings (what a done marker is checked
+    # against) include them
+    plain, cooler = load_recipe_config("smoke", [f"out_dir={out}"]), load_recipe_config("smoke", args)
+    assert Recipe(plain).settings_hash("vocoder_ft") != Recipe(cooler).settings_hash("vocoder_ft")
+    assert Recipe(plain).settings_hash("lm") == Recipe(cooler).settings_hash("lm")
+    with pytest.raises(RecipeError, match=r"pipeline.decoder_inference: noise_scale must be a number > 0 \(got 0\)"):
         load_recipe_config("smoke", ["pipeline.decoder_inference.noise_scale=0"])
-    with pytest.raises(RecipeError, match="decoder_inference.temperature is not a decoder sampling setting"):
+    with pytest.raises(RecipeError, match="pipeline.decoder_inference: temperature is not a flow sampling setting"):
         load_recipe_config("smoke", ["pipeline.decoder_inference.temperature=0.5"])
 
 

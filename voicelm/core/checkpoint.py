@@ -145,6 +145,23 @@ def save_part(
     return directory
 
 
+def same_safetensors(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two safetensors files hold the same tensors (names, dtypes, values) and metadata.
+
+    Their bytes may still differ: the format's writer orders the metadata entries arbitrarily.
+    A re-export keeps an unchanged file byte for byte with this (no new copy in git history)."""
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        if fa.metadata() != fb.metadata() or set(fa.keys()) != set(fb.keys()):
+            return False
+        for name in fa.keys():
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
+                return False
+    return True
+
+
 def read_part_config(directory: str | os.PathLike, kind: str) -> dict:
     """Return the model config stored in a part checkpoint, checking its kind and version."""
     directory = Path(directory)
