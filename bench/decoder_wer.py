@@ -2,7 +2,8 @@
 through each half of the decoder, side by side, on the stored tokens of held-out answers.
 
     .venv/bin/python bench/decoder_wer.py --pipeline runs/recipe-demo/shipped-candidate/demo-v3 \
-        --recipe-dir runs/recipe-demo [--count 16] [--flow CKPT] [--vocoder CKPT] [--steps 10] [--cfg 0.7]
+        --recipe-dir runs/recipe-demo [--count 16] [--flow CKPT] [--vocoder CKPT] [--steps 10] [--cfg 0.7] \
+        [--noise-scale 0.5] [--left-context 69] [--holdback 24]
 
 Rows (each scored with `normalized_wer` against the reference answer text, Whisper base judge):
   piper audio            the recorded assistant audio itself: the judge's own floor
@@ -10,6 +11,8 @@ Rows (each scored with `normalized_wer` against the reference answer text, Whisp
   Griffin-Lim(true mel)  the same mel through Griffin-Lim: what the mel itself still says
   flow -> HiFT           the pipeline's decoder on the answer's stored speech tokens
   flow -> Griffin-Lim    the flow's mel through Griffin-Lim: the flow alone, without HiFT
+  streamed, as the pipeline  the tokens through the pipeline's StreamingDecoder, pushed 26 at a
+                         time as the LM emits them (first chunk after 10): what a session plays
 The flow rows also print the mean L1 distance of the sampled mel to the true mel.
 
 `--flow` / `--vocoder` load weights from a training checkpoint (`runs/decoder/checkpoints/last/
@@ -28,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROWS = ("piper audio", "HiFT(true mel)", "Griffin-Lim(true mel)", "flow -> HiFT", "flow -> Griffin-Lim")
+ROWS = ("piper audio", "HiFT(true mel)", "Griffin-Lim(true mel)", "flow -> HiFT", "flow -> Griffin-Lim",
+        "streamed, as the pipeline")
 
 
 def _load_weights(decoder, flow: Path | None, vocoder: Path | None) -> None:
@@ -65,6 +69,20 @@ def _held_out_answers(recipe_dir: Path, count: int) -> list[tuple[str, Path, lis
     return answers
 
 
+def _streamed(decoder, pipeline, tokens: list[int], **stream_options) -> torch.Tensor:
+    """The waveform a session plays for these speech tokens: the pipeline's chunking, 26 tokens
+    per push (the LM's speech run), offline-equal noise."""
+    from decoder.streaming import StreamingDecoder
+
+    stream = StreamingDecoder(decoder, first_chunk_tokens=pipeline.first_chunk_tokens,
+                              chunk_tokens=pipeline.chunk_tokens, **stream_options)
+    chunks = []
+    for i in range(0, len(tokens), 26):
+        chunks += stream.push(tokens[i:i + 26])
+    chunks += stream.finish()
+    return torch.cat(chunks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", type=Path, required=True)
@@ -75,6 +93,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the decoder's)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the decoder's)")
     parser.add_argument("--noise-scale", type=float, default=None, help="starting-noise scale (default: the decoder's)")
+    parser.add_argument("--left-context", type=int, default=None,
+                        help="streamed row: pinned left-context frames (default: StreamingDecoder's)")
+    parser.add_argument("--holdback", type=int, default=None,
+                        help="streamed row: held-back frames per join (default: StreamingDecoder's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,7 +107,8 @@ def main() -> None:
     from voicelm.core.whisper_weights import load_whisper, normalized_wer, transcribe
     from voicelm.pipeline import load_pipeline
 
-    decoder = load_pipeline(args.pipeline).decoder.float().eval()
+    pipeline = load_pipeline(args.pipeline)
+    decoder = pipeline.decoder.float().eval()
     _load_weights(decoder, args.flow, args.vocoder)
     if args.cfg is not None:
         decoder.flow.config.inference_cfg_rate = args.cfg
@@ -94,6 +117,8 @@ def main() -> None:
     griffin_lim = GriffinLimVocoder()
     judge = load_whisper("base")
     rate = DECODER_SAMPLE_RATE
+    stream_options = {key: value for key, value in (("left_context_frames", args.left_context),
+                                                    ("holdback_frames", args.holdback)) if value is not None}
     answers = _held_out_answers(args.recipe_dir, args.count)
     heard: dict[str, list[str]] = {row: [] for row in ROWS}
     mel_l1: list[float] = []
@@ -111,6 +136,7 @@ def main() -> None:
                 "Griffin-Lim(true mel)": griffin_lim.inference(true_mel[None])[0][0],
                 "flow -> HiFT": decoder.vocode(mel),
                 "flow -> Griffin-Lim": griffin_lim.inference(mel[None])[0][0],
+                "streamed, as the pipeline": _streamed(decoder, pipeline, tokens, **stream_options),
             }
             for row, out in outputs.items():
                 heard[row].append(transcribe(judge, out.float().numpy(), rate))
@@ -119,7 +145,7 @@ def main() -> None:
     print(f"\n{len(answers)} held-out answers of {args.recipe_dir}; pipeline {args.pipeline}"
           f"{'; flow ' + str(args.flow) if args.flow else ''}{'; vocoder ' + str(args.vocoder) if args.vocoder else ''}; "
           f"{args.steps or decoder.flow.config.n_timesteps} Euler steps, guidance {decoder.flow.config.inference_cfg_rate}, "
-          f"noise scale {decoder.flow.config.noise_scale}; "
+          f"noise scale {decoder.flow.config.noise_scale}; stream {stream_options or 'defaults'}; "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {time.perf_counter() - start:.0f} s")
     print("| path | Whisper base WER |\n|---|---|")
     for row in ROWS:
