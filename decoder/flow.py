@@ -46,6 +46,23 @@ def token_of_frames(frame_index: torch.Tensor) -> torch.Tensor:
     return ((frame_index + 1) * FRAMES_PER_TOKEN.denominator - 1) // FRAMES_PER_TOKEN.numerator
 
 
+def _whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The inference-only settings of a flow: changed after training (a shipped model's steps, guidance,
+# temperature) without touching its weights. name -> (what it must be, check)
+SAMPLING_SETTINGS = {
+    "n_timesteps": ("an integer >= 1", lambda v: _whole_number(v) and v >= 1),
+    "inference_cfg_rate": ("a number >= 0", lambda v: _number(v) and v >= 0),
+    "noise_scale": ("a number > 0", lambda v: _number(v) and v > 0),
+}
+
+
 @dataclasses.dataclass
 class FlowConfig:
     vocab_size: int = 16384
@@ -95,41 +112,23 @@ class FlowConfig:
             raise ValueError(f"encoder_dim {self.encoder_dim} is not divisible by encoder_heads {self.encoder_heads}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if not self.noise_scale > 0:
-            raise ValueError(f"noise_scale must be > 0 (1.0 = the noise the flow was trained on), got {self.noise_scale}")
+        for name, (what, ok) in SAMPLING_SETTINGS.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name} must be {what} (got {getattr(self, name)!r})")
         if self.t_scheduler not in ("cosine", "linear"):
             raise ValueError(f"t_scheduler must be 'cosine' or 'linear', got {self.t_scheduler!r}")
         if any(c % 8 for c in self.unet_channels):
             raise ValueError(f"unet_channels {self.unet_channels} must be multiples of 8 (group norm groups)")
 
 
-def _whole_number(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# The inference-only settings of a flow: changed after training (a shipped model's steps, guidance,
-# temperature) without touching its weights. name -> (what it must be, check)
-SAMPLING_SETTINGS = {
-    "n_timesteps": ("an integer >= 1", lambda v: _whole_number(v) and v >= 1),
-    "inference_cfg_rate": ("a number >= 0", lambda v: _number(v) and v >= 0),
-    "noise_scale": ("a number > 0", lambda v: _number(v) and v > 0),
-}
-
-
 def with_sampling(config: FlowConfig, settings) -> FlowConfig:
     """`config` with the sampling settings in the mapping `settings` replaced; a clear ValueError
-    for a name that is not one of SAMPLING_SETTINGS or a value out of range."""
+    for a name that is not one of SAMPLING_SETTINGS, or (from FlowConfig) a value out of range."""
     if not isinstance(settings, dict):
         raise ValueError(f"sampling settings must be a mapping of {', '.join(SAMPLING_SETTINGS)} (got {settings!r})")
-    for name, value in settings.items():
-        if name not in SAMPLING_SETTINGS:
-            raise ValueError(f"{name} is not a flow sampling setting (use {', '.join(SAMPLING_SETTINGS)})")
-        if not SAMPLING_SETTINGS[name][1](value):
-            raise ValueError(f"{name} must be {SAMPLING_SETTINGS[name][0]} (got {value!r})")
+    unknown = [name for name in settings if name not in SAMPLING_SETTINGS]
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a flow sampling setting (use {', '.join(SAMPLING_SETTINGS)})")
     return dataclasses.replace(config, **settings)
 
 
@@ -463,6 +462,12 @@ class FlowModel(nn.Module):
         return self._t_schedule(torch.linspace(0, 1, steps + 1))
 
     @torch.no_grad()
+    def start_noise(self, frame_start: int, frame_end: int, device, dtype) -> torch.Tensor:
+        """(1, 80, F) where the ODE starts for frames [frame_start, frame_end): the stream's noise
+        of those frames (`stream_noise`, the same offline and streamed) x `noise_scale`."""
+        noise = stream_noise(self.config.noise_seed, frame_start, frame_end, self.config.n_mels, device)
+        return (self.config.noise_scale * noise)[None].to(dtype)
+
     def sample(self, mu: torch.Tensor, noise: torch.Tensor, spk: torch.Tensor, cond: torch.Tensor,
                frame_mask: torch.Tensor | None = None, n_timesteps: int | None = None,
                cfg_rate: float | None = None, fixed_trajectory: torch.Tensor | None = None,
@@ -522,8 +527,7 @@ class FlowModel(nn.Module):
         cond = torch.zeros_like(mu)
         if prompt_frames:
             cond[0, :, :prompt_frames] = cond_prefix.to(cond)
-        noise = stream_noise(self.config.noise_seed, 0, num_frames, self.config.n_mels, device)[None].to(mu.dtype)
-        noise = self.config.noise_scale * noise
+        noise = self.start_noise(0, num_frames, device, mu.dtype)
         mel = self.sample(mu, noise, self.speaker_condition(speaker, 1), cond, n_timesteps=n_timesteps)
         return mel[0, :, prompt_frames:]
 

@@ -38,7 +38,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from decoder.flow import FlowInputError, frames_for_tokens, stream_noise, token_of_frames
+from decoder.flow import FlowInputError, frames_for_tokens, token_of_frames
 from decoder.model import SpeechDecoder, as_token_tensor
 
 
@@ -227,7 +227,6 @@ class StreamingDecoder:
     @torch.no_grad()
     def _process(self, new_tokens: list[int], final: bool) -> list[torch.Tensor]:
         flow = self.decoder.flow
-        config = flow.config
         with self._own_state():
             self._encode(new_tokens)
             available = frames_for_tokens(self._tokens_encoded)  # frames whose mu can be computed
@@ -238,8 +237,7 @@ class StreamingDecoder:
             mu = flow.length_regulator(self._encoded, regulator_start, available, self._encoded_offset)
             mu = mu[:, :, start - regulator_start:]  # (1, 80, available - start)
             device, dtype = mu.device, mu.dtype
-            noise = stream_noise(config.noise_seed, start, available, config.n_mels, device)[None].to(dtype)
-            noise = config.noise_scale * noise
+            noise = flow.start_noise(start, available, device, dtype)
             pinned = None
             if self._trajectory is not None and emitted > start:
                 pinned = self._trajectory[..., -(emitted - start):]

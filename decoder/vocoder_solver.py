@@ -137,14 +137,15 @@ class FlowMels:
 
         directory = resolve_checkpoint(str(decoder_dir))
         self.decoder = SpeechDecoder.from_pretrained(directory).float().eval()
+        sampling = dict(sampling or {})
         try:
-            self.decoder.flow.config = with_sampling(self.decoder.flow.config, dict(sampling or {}))
+            self.decoder.flow.config = with_sampling(self.decoder.flow.config, sampling)
         except ValueError as exc:
             raise ValueError(f"solver.input_flow_sampling: {exc}") from None
         digest = hashlib.sha1()
         for name in sorted(p.name for p in directory.glob("*.safetensors")) + ["config.json"]:
             digest.update((directory / name).read_bytes())
-        digest.update(json.dumps(dict(sampling or {}), sort_keys=True).encode())
+        digest.update(json.dumps(sampling, sort_keys=True).encode())
         self.flow_id = digest.hexdigest()[:16]
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.vocab_size = self.decoder.flow.config.vocab_size
