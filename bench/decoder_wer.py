@@ -3,7 +3,8 @@ through each half of the decoder, side by side, on the stored tokens of held-out
 
     .venv/bin/python bench/decoder_wer.py --pipeline runs/recipe-demo/shipped-candidate/demo-v3 \
         --recipe-dir runs/recipe-demo [--count 16] [--flow CKPT] [--vocoder CKPT] [--steps 10] [--cfg 0.7] \
-        [--noise-scale 0.5] [--left-context 69] [--holdback 24]
+        [--noise-scale 0.5] [--left-context 69] [--holdback 24] [--crossfade 24] [--first-chunk 10] [--chunk-tokens 20,40] \
+        [--rows streamed,flow-hift]
 
 Rows (each scored with `normalized_wer` against the reference answer text, Whisper base judge):
   piper audio            the recorded assistant audio itself: the judge's own floor
@@ -14,6 +15,9 @@ Rows (each scored with `normalized_wer` against the reference answer text, Whisp
   streamed, as the pipeline  the tokens through the pipeline's StreamingDecoder, pushed 26 at a
                          time as the LM emits them (first chunk after 10): what a session plays
 The flow rows also print the mean L1 distance of the sampled mel to the true mel.
+
+`--rows` picks rows by short name (piper, hift-true, gl-true, flow-hift, flow-gl, streamed) to
+sweep one setting quickly; the default is every row.
 
 `--flow` / `--vocoder` load weights from a training checkpoint (`runs/decoder/checkpoints/last/
 model.safetensors`, `runs/vocoder/checkpoints/last/model.safetensors`) into the pipeline's
@@ -31,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROWS = ("piper audio", "HiFT(true mel)", "Griffin-Lim(true mel)", "flow -> HiFT", "flow -> Griffin-Lim",
-        "streamed, as the pipeline")
+ROWS = {"piper": "piper audio", "hift-true": "HiFT(true mel)", "gl-true": "Griffin-Lim(true mel)",
+        "flow-hift": "flow -> HiFT", "flow-gl": "flow -> Griffin-Lim", "streamed": "streamed, as the pipeline"}
 
 
 def _load_weights(decoder, flow: Path | None, vocoder: Path | None) -> None:
@@ -69,13 +73,12 @@ def _held_out_answers(recipe_dir: Path, count: int) -> list[tuple[str, Path, lis
     return answers
 
 
-def _streamed(decoder, pipeline, tokens: list[int], **stream_options) -> torch.Tensor:
-    """The waveform a session plays for these speech tokens: the pipeline's chunking, 26 tokens
-    per push (the LM's speech run), offline-equal noise."""
+def _streamed(decoder, tokens: list[int], **stream_options) -> torch.Tensor:
+    """The waveform a session plays for these speech tokens: the pipeline's chunking (unless
+    overridden), 26 tokens per push (the LM's speech run), offline-equal noise."""
     from decoder.streaming import StreamingDecoder
 
-    stream = StreamingDecoder(decoder, first_chunk_tokens=pipeline.first_chunk_tokens,
-                              chunk_tokens=pipeline.chunk_tokens, **stream_options)
+    stream = StreamingDecoder(decoder, **stream_options)
     chunks = []
     for i in range(0, len(tokens), 26):
         chunks += stream.push(tokens[i:i + 26])
@@ -93,12 +96,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the decoder's)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the decoder's)")
     parser.add_argument("--noise-scale", type=float, default=None, help="starting-noise scale (default: the decoder's)")
+    parser.add_argument("--attention-window", type=int, default=None,
+                        help="the flow estimator's attention reach in frames (default: the decoder's)")
     parser.add_argument("--left-context", type=int, default=None,
                         help="streamed row: pinned left-context frames (default: StreamingDecoder's)")
     parser.add_argument("--holdback", type=int, default=None,
                         help="streamed row: held-back frames per join (default: StreamingDecoder's)")
+    parser.add_argument("--crossfade", type=int, default=None,
+                        help="streamed row: recomputed held-back frames blended with their first version "
+                             "(default: StreamingDecoder's)")
+    parser.add_argument("--first-chunk", type=int, default=None,
+                        help="streamed row: tokens of the first chunk (default: the pipeline's)")
+    parser.add_argument("--chunk-tokens", default=None,
+                        help="streamed row: comma-separated sizes of the later chunks (default: the pipeline's)")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated rows to compute, of {','.join(ROWS)} (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    rows = [name.strip() for name in args.rows.split(",") if name.strip()]
+    unknown = [name for name in rows if name not in ROWS]
+    if unknown or not rows:
+        parser.error(f"--rows: unknown row(s) {unknown or args.rows!r}; choose from {','.join(ROWS)}")
     torch.set_num_threads(args.threads)
 
     from decoder.griffinlim import GriffinLimVocoder
@@ -114,43 +132,53 @@ def main() -> None:
         decoder.flow.config.inference_cfg_rate = args.cfg
     if args.noise_scale is not None:
         decoder.flow.config.noise_scale = args.noise_scale
+    if args.attention_window is not None:
+        decoder.flow.config.attention_window = args.attention_window
     griffin_lim = GriffinLimVocoder()
     judge = load_whisper("base")
     rate = DECODER_SAMPLE_RATE
     stream_options = {key: value for key, value in (("left_context_frames", args.left_context),
-                                                    ("holdback_frames", args.holdback)) if value is not None}
+                                                    ("holdback_frames", args.holdback),
+                                                    ("crossfade_frames", args.crossfade)) if value is not None}
+    chunking = {"first_chunk_tokens": args.first_chunk or pipeline.first_chunk_tokens,
+                "chunk_tokens": (tuple(int(n) for n in args.chunk_tokens.split(",")) if args.chunk_tokens
+                                 else pipeline.chunk_tokens)}
+    if args.first_chunk or args.chunk_tokens:
+        stream_options.update(chunking)
     answers = _held_out_answers(args.recipe_dir, args.count)
-    heard: dict[str, list[str]] = {row: [] for row in ROWS}
+    heard: dict[str, list[str]] = {row: [] for row in rows}
     mel_l1: list[float] = []
     start = time.perf_counter()
     with torch.no_grad():
         for text, audio, tokens in answers:
             wav = load_audio(audio, rate, max_seconds=None).reshape(-1)
             true_mel = mel_spectrogram(wav)
-            mel = decoder.decode_mel(torch.tensor(tokens), n_timesteps=args.steps)
-            frames = min(mel.shape[-1], true_mel.shape[-1])
-            mel_l1.append(float((mel[:, :frames] - true_mel[:, :frames]).abs().mean()))
-            outputs = {
-                "piper audio": wav,
-                "HiFT(true mel)": decoder.vocode(true_mel),
-                "Griffin-Lim(true mel)": griffin_lim.inference(true_mel[None])[0][0],
-                "flow -> HiFT": decoder.vocode(mel),
-                "flow -> Griffin-Lim": griffin_lim.inference(mel[None])[0][0],
-                "streamed, as the pipeline": _streamed(decoder, pipeline, tokens, **stream_options),
+            if {"flow-hift", "flow-gl"} & set(rows):
+                mel = decoder.decode_mel(torch.tensor(tokens), n_timesteps=args.steps)
+                frames = min(mel.shape[-1], true_mel.shape[-1])
+                mel_l1.append(float((mel[:, :frames] - true_mel[:, :frames]).abs().mean()))
+            makers = {
+                "piper": lambda: wav,
+                "hift-true": lambda: decoder.vocode(true_mel),
+                "gl-true": lambda: griffin_lim.inference(true_mel[None])[0][0],
+                "flow-hift": lambda: decoder.vocode(mel),
+                "flow-gl": lambda: griffin_lim.inference(mel[None])[0][0],
+                "streamed": lambda: _streamed(decoder, tokens, **{**chunking, **stream_options}),
             }
-            for row, out in outputs.items():
-                heard[row].append(transcribe(judge, out.float().numpy(), rate))
-            print(f"{text} | " + " | ".join(heard[row][-1] for row in ROWS), flush=True)
+            for row in rows:
+                heard[row].append(transcribe(judge, makers[row]().float().numpy(), rate))
+            print(f"{text} | " + " | ".join(heard[row][-1] for row in rows), flush=True)
     references = [text for text, _, _ in answers]
     print(f"\n{len(answers)} held-out answers of {args.recipe_dir}; pipeline {args.pipeline}"
           f"{'; flow ' + str(args.flow) if args.flow else ''}{'; vocoder ' + str(args.vocoder) if args.vocoder else ''}; "
           f"{args.steps or decoder.flow.config.n_timesteps} Euler steps, guidance {decoder.flow.config.inference_cfg_rate}, "
-          f"noise scale {decoder.flow.config.noise_scale}; stream {stream_options or 'defaults'}; "
+          f"noise scale {decoder.flow.config.noise_scale}, attention window {decoder.flow.config.attention_window}; stream {stream_options or 'defaults'}; "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {time.perf_counter() - start:.0f} s")
     print("| path | Whisper base WER |\n|---|---|")
-    for row in ROWS:
-        print(f"| {row} | {100 * normalized_wer(references, heard[row]):.1f} % |")
-    print(f"mean L1 of the flow's mel to the true mel: {np.mean(mel_l1):.3f}")
+    for row in rows:
+        print(f"| {ROWS[row]} | {100 * normalized_wer(references, heard[row]):.1f} % |")
+    if mel_l1:
+        print(f"mean L1 of the flow's mel to the true mel: {np.mean(mel_l1):.3f}")
 
 
 if __name__ == "__main__":

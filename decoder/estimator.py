@@ -218,12 +218,17 @@ class ConditionalUNet1D(nn.Module):
                 self.input_shortcut.weight[:, : config.n_mels, 0] = -eye  # x
                 self.input_shortcut.weight[:, config.n_mels: 2 * config.n_mels, 0] = eye  # mu
 
-    @staticmethod
-    def _attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         # (B, 1, T) frame mask -> (B, 1, T, T) boolean "may attend": padding keys are hidden; padded
         # queries see everything (their output is masked away later) so no softmax row is empty.
+        # With config.attention_window = W, a frame sees only keys at most W frames away.
         valid = mask[:, 0].bool()  # (B, T)
-        return (valid[:, None, None, :] | ~valid[:, None, :, None])
+        allowed = valid[:, None, None, :]
+        window = self.config.attention_window
+        if window is not None:
+            positions = torch.arange(mask.shape[-1], device=mask.device)
+            allowed = allowed & ((positions[None, :] - positions[:, None]).abs() <= window)[None, None]
+        return allowed | ~valid[:, None, :, None]
 
     def _run_transformers(self, blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         attn_mask = self._attention_mask(mask)

@@ -102,6 +102,10 @@ class FlowConfig:
     # Inference: the ODE starts from noise_scale x N(0, 1) (a sampling temperature; 1.0 = as trained).
     # Below 1 trades variety for clearer, more average speech (Matcha-TTS samples at 0.667).
     noise_scale: float = 1.0
+    # The estimator's self-attention reach: each frame attends to frames at most this many away
+    # (null: the whole window). A streamed chunk's window is short (the first is 68 frames); with a
+    # local reach every frame sees the same neighbours streamed as offline.
+    attention_window: int | None = None
     # training: probability that a batch uses the block-causal (streaming) encoder mask
     streaming_mask_prob: float = 0.5
     prompt_prob: float = 0.5  # probability that a training row gets a prompt-mel prefix
@@ -115,6 +119,9 @@ class FlowConfig:
         for name, (what, ok) in SAMPLING_SETTINGS.items():
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {what} (got {getattr(self, name)!r})")
+        if self.attention_window is not None and not (_whole_number(self.attention_window) and self.attention_window >= 1):
+            raise ValueError(f"attention_window must be null (the whole window) or an integer >= 1 "
+                             f"(got {self.attention_window!r})")
         if self.t_scheduler not in ("cosine", "linear"):
             raise ValueError(f"t_scheduler must be 'cosine' or 'linear', got {self.t_scheduler!r}")
         if any(c % 8 for c in self.unet_channels):

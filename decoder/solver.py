@@ -30,7 +30,7 @@ from decoder.flow import FlowConfig, FlowModel, frames_for_tokens
 from decoder.mel import MelConfig, mel_spectrogram
 from decoder.model import SpeechDecoder
 from voicelm.core.audio import DECODER_SAMPLE_RATE, load_audio
-from voicelm.core.checkpoint import CheckpointError, atomic_write_file, config_from_dict
+from voicelm.core.checkpoint import CheckpointError, atomic_write_file, config_from_dict, load_state_strict
 from voicelm.core.manifest import ManifestError, iter_split, read_manifest
 from voicelm.core.solver import Solver
 
@@ -131,7 +131,11 @@ class FlowSolver(Solver):
         return config_from_dict(FlowConfig, values, where="decoder preset")
 
     def build_model(self) -> nn.Module:
-        return FlowModel(self.flow_config())
+        model = FlowModel(self.flow_config())
+        init_from = _cfg_get(self.cfg.solver, "init_from")
+        if init_from is not None:
+            _init_flow_from(model, Path(init_from))
+        return model
 
     def _load_rows(self, manifest: str | Path, split: str | None, limit: int | None = None) -> list:
         solver = self.cfg.solver
@@ -232,3 +236,21 @@ class FlowSolver(Solver):
         decoder.flow.load_state_dict(flow.state_dict())
         dtype = {"float32": None, "float16": torch.float16}[str(_cfg_get(self.cfg.solver, "export_dtype", "float32"))]
         decoder.save_pretrained(out_dir, dtype=dtype)
+
+
+def _init_flow_from(model: FlowModel, path: Path) -> None:
+    """Start from trained flow weights (a fine-tune, e.g. to a new attention window): a decoder part
+    directory (its `flow.*` tensors; the vocoder is not trained here) or a training checkpoint
+    directory (`runs/decoder/checkpoints/last`). The tensors must fit the `decoder` preset's geometry;
+    settings without weights (sampling, attention_window) come from the preset."""
+    from safetensors.torch import load_file
+
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"solver.init_from={path}: no model.safetensors there; give a decoder part directory "
+                                f"or a training checkpoint directory, e.g. runs/decoder/checkpoints/last")
+    state = load_file(str(weights))
+    if (path / "config.json").exists():  # a decoder part: flow.* and vocoder.* tensors
+        state = {k.removeprefix("flow."): v for k, v in state.items() if k.startswith("flow.")}
+    load_state_strict(model, state, where=f"solver.init_from={path} (is the `decoder` preset its geometry?)")
+    log.info("decoder: flow initialised from %s", path)

@@ -91,6 +91,7 @@ class StreamingDecoder:
         *,
         left_context_frames: int = 69,
         holdback_frames: int = 24,
+        crossfade_frames: int | None = None,
         speaker: torch.Tensor | None = None,
         n_timesteps: int | None = None,
         reencode: bool = False,
@@ -102,6 +103,8 @@ class StreamingDecoder:
         whole block. `reencode=True` re-encodes every earlier token at each chunk instead of using
         the key/value cache (the GLM-4-Voice behaviour; for benchmarks and tests only).
         `vocode=False` returns mel chunks (80, frames) instead of waveforms (to run another vocoder).
+        `crossfade_frames`: how many of the recomputed held-back frames are blended with their first,
+        right-context-less version (None: all `holdback_frames` of them; 0: replaced outright).
         """
         if not isinstance(decoder, SpeechDecoder):
             raise TypeError(f"StreamingDecoder needs a SpeechDecoder, got {type(decoder).__name__}")
@@ -119,12 +122,16 @@ class StreamingDecoder:
         if holdback_frames >= frames_for_tokens(min(sizes)):
             raise ValueError(f"holdback_frames ({holdback_frames}) must be smaller than the frames of the "
                              f"smallest chunk ({frames_for_tokens(min(sizes))})")
+        if crossfade_frames is not None and not 0 <= crossfade_frames <= holdback_frames:
+            raise ValueError(f"crossfade_frames must be between 0 and holdback_frames ({holdback_frames}), "
+                             f"got {crossfade_frames}")
         if left_context_frames < 0:
             raise ValueError(f"left_context_frames must be >= 0, got {left_context_frames}")
         self.decoder = decoder
         self.chunk_sizes = sizes
         self.left_context_frames = left_context_frames
         self.holdback_frames = holdback_frames
+        self.crossfade_frames = holdback_frames if crossfade_frames is None else crossfade_frames
         self.speaker = speaker
         self.n_timesteps = n_timesteps
         self.reencode = reencode
@@ -247,8 +254,8 @@ class StreamingDecoder:
             mel = mel[0, :, emitted - start:]  # (80, available - emitted): frames [emitted, available)
             emit_end = available if final else available - self.holdback_frames
             out = mel[:, : emit_end - emitted]
-            if self._tentative is not None and out.shape[-1]:
-                fade = min(self._tentative.shape[-1], out.shape[-1])
+            if self._tentative is not None and out.shape[-1] and self.crossfade_frames:
+                fade = min(self.crossfade_frames, self._tentative.shape[-1], out.shape[-1])
                 ramp = raised_cosine(fade, device).to(dtype)
                 out = torch.cat([self._tentative[:, :fade] * (1 - ramp) + out[:, :fade] * ramp, out[:, fade:]], dim=1)
             self._tentative = None if final else mel[:, emit_end - emitted:]

@@ -475,10 +475,11 @@ class Recipe:
             f"solver.train_manifest={self.tokens_dir / 'assistant.jsonl'}", "solver.valid_split=heldout",
             f"solver.init_from={self.runs_dir / 'vocoder' / 'checkpoints' / 'last'}",
             f"solver.input_flow={self.runs_dir / 'decoder' / 'export'}",
-            # the mels inference will feed it: sampled with the shipped flow's settings
-            "solver.input_flow_sampling={" + ",".join(
-                f"{k}:{v}" for k, v in (self.cfg["pipeline"].get("decoder_inference") or {}).items()) + "}",
-            f"solver.flow_mel_cache_dir={self.out / 'cache' / 'flow-mel'}"])]
+            f"solver.flow_mel_cache_dir={self.out / 'cache' / 'flow-mel'}",
+            # the mels inference will feed it: sampled with the shipped flow's settings. One override
+            # per key: the solver's default is an empty mapping, which hydra will not merge keys into
+            *(f"++solver.input_flow_sampling.{k}={v}"
+              for k, v in (self.cfg["pipeline"].get("decoder_inference") or {}).items())])]
 
     def stage_lm(self) -> list[Path]:
         self.require("tokenize")

@@ -171,3 +171,25 @@ def test_griffinlim_fallback_streams_too():
     stream = StreamingDecoder(decoder)
     chunks = stream.push(ids) + stream.finish()
     assert torch.cat(chunks).shape == (frames_for_tokens(45) * 256,)
+
+
+def test_local_attention_window_streams_exactly_like_offline(decoder):
+    # with an estimator window whose reach (15 frames for the tiny preset at window 2) fits in the
+    # held-back frames and the pinned left context, every emitted frame saw streamed what it sees
+    # offline; blending in the first, right-context-less version of the held-back frames
+    # (crossfade_frames > 0) is then the only difference left
+    config = decoder.flow.config
+    ids = tokens(97, seed=5)
+    try:
+        config.attention_window = 2
+        offline = decoder.decode_mel(ids)
+        exact = StreamingDecoder(decoder, vocode=False, crossfade_frames=0)
+        streamed = torch.cat(exact.push(ids) + exact.finish(), dim=1)
+        assert streamed.shape == offline.shape
+        assert torch.allclose(streamed, offline, atol=1e-4), float((streamed - offline).abs().max())
+        blended = StreamingDecoder(decoder, vocode=False)
+        assert not torch.allclose(torch.cat(blended.push(ids) + blended.finish(), dim=1), offline, atol=1e-4)
+    finally:
+        config.attention_window = None
+    with pytest.raises(ValueError, match="crossfade_frames must be between 0 and holdback_frames"):
+        StreamingDecoder(decoder, crossfade_frames=25)

@@ -172,3 +172,21 @@ def test_input_shortcut_starts_on_the_straight_field_and_removes_the_noise():
         mel = flow.inference(tokens)
         errors[shortcut] = (mel[:, 1:] - mel[:, :-1]).abs().mean().item()  # the target is constant in time
     assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_attention_window_limits_how_far_a_frame_sees():
+    # tiny preset: 3 attention layers and 9 three-tap convs on the path, so with a window of 2 a
+    # frame's velocity depends on frames at most 3 * 2 + 9 = 15 away; with no window, on all of them
+    frames = 120
+    x, mu, cond = torch.randn(1, 80, frames), torch.randn(1, 80, frames), torch.zeros(1, 80, frames)
+    mask, spk, t = torch.ones(1, 1, frames), torch.zeros(1, 80), torch.tensor([0.5])
+    far = x.clone()
+    far[..., 40:] += 3.0  # change only frames >= 40 away from frame 0
+    for window, changes in ((2, False), (None, True)):
+        estimator = tiny_flow(attention_window=window).estimator
+        with torch.no_grad():
+            near_out = estimator(x, mask, mu, t, spk, cond)[..., :20]
+            far_out = estimator(far, mask, mu, t, spk, cond)[..., :20]
+        assert (not torch.allclose(near_out, far_out, atol=1e-6)) == changes, f"attention_window={window}"
+    with pytest.raises(ValueError, match="attention_window must be null .* or an integer >= 1"):
+        FlowConfig(attention_window=0)

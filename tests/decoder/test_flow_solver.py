@@ -70,3 +70,21 @@ def test_training_through_harness_lowers_loss_and_exports(tmp_path):
     assert decoder.vocab_size == 64
     wav = decoder.decode([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     assert wav.shape == (frames_for_tokens(10) * 256,)
+
+
+def test_init_from_starts_a_fine_tune_from_trained_weights(tmp_path):
+    manifest = make_manifest(tmp_path)
+    first = train(cfg(tmp_path, manifest, "solver.steps=2", "solver.eval_every=null", "solver.checkpoint_every=1"))
+    trained = SpeechDecoder.from_pretrained(first.export_dir).flow.state_dict()
+    # from the export (a decoder part) and from the last training checkpoint: the same weights, and
+    # a setting without weights (the attention window) comes from the preset
+    for source in (first.export_dir, tmp_path / "run" / "checkpoints" / "last"):
+        solver = FlowSolver(cfg(tmp_path, manifest, f"solver.init_from={source}", "decoder.attention_window=8"))
+        model = solver.build_model()
+        assert model.config.attention_window == 8
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    with pytest.raises(FileNotFoundError, match="no model.safetensors there"):
+        FlowSolver(cfg(tmp_path, manifest, f"solver.init_from={tmp_path}")).build_model()
+    with pytest.raises(Exception, match="is the `decoder` preset its geometry"):
+        FlowSolver(cfg(tmp_path, manifest, f"solver.init_from={first.export_dir}", "decoder.encoder_dim=64",
+                       "decoder.encoder_heads=2")).build_model()

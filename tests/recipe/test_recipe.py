@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from voicelm.recipe import (SOLVER_OF, STAGES, TRAIN_STAGES, Recipe, RecipeError, load_recipe_config, run_recipe,
                             select_stages)
@@ -137,8 +138,10 @@ def test_decoder_sampling_settings_are_written_into_the_shipped_flow(smoke, tmp_
         assert (out / weights).read_bytes() == (smoke["out"] / weights).read_bytes()
     assert (shipped.noise_scale, shipped.n_timesteps) == (0.6, 3)
     assert shipped.inference_cfg_rate == trained.inference_cfg_rate and trained.noise_scale == 1.0
-    # vocoder_ft's input mels are sampled that way too: its settings (what a done marker is checked
-    # against) include them
+    # vocoder_ft's input mels are sampled that way too: the smoke preset's settings reached its
+    # solver, and its settings (what a done marker is checked against) include them
+    vocoder_ft = OmegaConf.load(smoke["out"] / "runs" / "vocoder_ft" / "config.yaml")
+    assert OmegaConf.to_container(vocoder_ft.solver.input_flow_sampling) == {"noise_scale": 0.5}
     plain, cooler = load_recipe_config("smoke", [f"out_dir={out}"]), load_recipe_config("smoke", args)
     assert Recipe(plain).settings_hash("vocoder_ft") != Recipe(cooler).settings_hash("vocoder_ft")
     assert Recipe(plain).settings_hash("lm") == Recipe(cooler).settings_hash("lm")
