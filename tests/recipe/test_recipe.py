@@ -124,11 +124,14 @@ def test_vocoder_ft_off_ships_the_vocoder_stages_hift(smoke, tmp_path):
 def test_decoder_sampling_settings_are_written_into_the_shipped_flow(smoke, tmp_path):
     import shutil
 
+    from decoder import SpeechDecoder
     from voicelm.pipeline import load_pipeline
 
     out = tmp_path / "copy"
     shutil.copytree(smoke["out"], out, ignore=shutil.ignore_patterns("cache", "tensorboard", "eval"))
-    trained = load_pipeline(smoke["out"] / "pipeline").decoder.flow.config
+    trained = SpeechDecoder.from_pretrained(smoke["out"] / "runs" / "decoder" / "export").flow.config
+    # the smoke preset's own setting (noise_scale 0.5) was written into the pipeline it shipped
+    assert load_pipeline(smoke["out"] / "pipeline").decoder.flow.config.noise_scale == 0.5
     args = [f"out_dir={out}", "pipeline.decoder_inference.noise_scale=0.6", "pipeline.decoder_inference.n_timesteps=3"]
     status = run_recipe("smoke", args, stages="export")
     assert status["stages"]["export"]["state"] == "done" and not status["stages"]["export"]["skipped_last_run"]
