@@ -137,14 +137,13 @@ def main() -> None:
     griffin_lim = GriffinLimVocoder()
     judge = load_whisper("base")
     rate = DECODER_SAMPLE_RATE
+    chunk_tokens = tuple(int(n) for n in args.chunk_tokens.split(",")) if args.chunk_tokens else None
     stream_options = {key: value for key, value in (("left_context_frames", args.left_context),
                                                     ("holdback_frames", args.holdback),
-                                                    ("crossfade_frames", args.crossfade)) if value is not None}
-    chunking = {"first_chunk_tokens": args.first_chunk or pipeline.first_chunk_tokens,
-                "chunk_tokens": (tuple(int(n) for n in args.chunk_tokens.split(",")) if args.chunk_tokens
-                                 else pipeline.chunk_tokens)}
-    if args.first_chunk or args.chunk_tokens:
-        stream_options.update(chunking)
+                                                    ("crossfade_frames", args.crossfade),
+                                                    ("first_chunk_tokens", args.first_chunk),
+                                                    ("chunk_tokens", chunk_tokens)) if value is not None}
+    pipeline_chunking = {"first_chunk_tokens": pipeline.first_chunk_tokens, "chunk_tokens": pipeline.chunk_tokens}
     answers = _held_out_answers(args.recipe_dir, args.count)
     heard: dict[str, list[str]] = {row: [] for row in rows}
     mel_l1: list[float] = []
@@ -163,7 +162,7 @@ def main() -> None:
                 "gl-true": lambda: griffin_lim.inference(true_mel[None])[0][0],
                 "flow-hift": lambda: decoder.vocode(mel),
                 "flow-gl": lambda: griffin_lim.inference(mel[None])[0][0],
-                "streamed": lambda: _streamed(decoder, tokens, **{**chunking, **stream_options}),
+                "streamed": lambda: _streamed(decoder, tokens, **{**pipeline_chunking, **stream_options}),
             }
             for row in rows:
                 heard[row].append(transcribe(judge, makers[row]().float().numpy(), rate))
