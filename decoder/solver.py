@@ -79,17 +79,26 @@ class FlowExamples:
     """Rows (tokens, mel) of one split; yields random block-aligned crops in batches."""
 
     def __init__(self, rows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, segment_tokens: int,
-                 block_size: int, shuffle: bool):
+                 block_size: int, shuffle: bool, prefix_prob: float = 0.0):
         if not rows:
             raise ManifestError("no usable rows (each needs `tokens` and readable `audio`)")
         self.rows, self.batch_size, self.segment_tokens = rows, batch_size, segment_tokens
-        self.block_size, self.shuffle = block_size, shuffle
+        self.block_size, self.shuffle, self.prefix_prob = block_size, shuffle, prefix_prob
 
     def __len__(self) -> int:
         return max(1, len(self.rows) // self.batch_size) if self.shuffle else -(-len(self.rows) // self.batch_size)
 
     def _crop(self, tokens: torch.Tensor, mel: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(tokens) <= self.segment_tokens or not self.shuffle:
+        # The longest prefix shorter than a normal crop, in blocks (a normal crop is the whole
+        # segment, or the whole row when it is shorter).
+        prefix_blocks = min(len(tokens), self.segment_tokens) // self.block_size
+        if len(tokens) <= self.segment_tokens and len(tokens) % self.block_size == 0:
+            prefix_blocks -= 1
+        if self.shuffle and prefix_blocks >= 1 and rng.random() < self.prefix_prob:
+            # A short prefix: what the streaming decoder's first chunk decodes alone (a few blocks
+            # from the utterance start, nothing after them), which normal crops never show.
+            start, end = 0, rng.randint(1, prefix_blocks) * self.block_size
+        elif len(tokens) <= self.segment_tokens or not self.shuffle:
             start, end = 0, min(len(tokens), self.segment_tokens)
         else:
             blocks = (len(tokens) - self.segment_tokens) // self.block_size
@@ -178,7 +187,10 @@ class FlowSolver(Solver):
         valid_split = _cfg_get(solver, "valid_split", None if valid_manifest else "valid")
         limit = int(_cfg_get(solver, "valid_limit", 16))
         valid_rows = self._load_rows(valid_manifest or manifest, valid_split, limit)
-        train = FlowExamples(train_rows, batch_size, segment, config.block_size, shuffle=True)
+        prefix_prob = float(_cfg_get(solver, "prefix_prob", 0.0))
+        if not 0.0 <= prefix_prob <= 1.0:
+            raise ValueError(f"solver.prefix_prob ({prefix_prob}) must be a probability in [0, 1]")
+        train = FlowExamples(train_rows, batch_size, segment, config.block_size, shuffle=True, prefix_prob=prefix_prob)
         valid = FlowExamples(valid_rows, batch_size, segment, config.block_size, shuffle=False) if valid_rows else None
         return train, valid
 

@@ -88,3 +88,22 @@ def test_init_from_starts_a_fine_tune_from_trained_weights(tmp_path):
     with pytest.raises(Exception, match="is the `decoder` preset its geometry"):
         FlowSolver(cfg(tmp_path, manifest, f"solver.init_from={first.export_dir}", "decoder.encoder_dim=64",
                        "decoder.encoder_heads=2")).build_model()
+
+
+def test_prefix_crops_are_the_utterance_start_in_whole_blocks(tmp_path):
+    # what the streaming decoder's first chunk decodes alone: the first blocks of an utterance
+    solver = FlowSolver(cfg(tmp_path, make_manifest(tmp_path), "solver.prefix_prob=1.0"))
+    train_data, _ = solver.build_dataloaders()
+    rows = {tuple(tokens[:10].tolist()): (tokens, mel) for tokens, mel in train_data.rows}
+    lengths = set()
+    for _ in range(10):
+        batch = next(iter(train_data))
+        for tokens, length, mel in zip(batch["tokens"], batch["lengths"].tolist(), batch["mel"]):
+            row_tokens, row_mel = rows[tuple(tokens[:10].tolist())]
+            assert length % 10 == 0 and 10 <= length <= 30 and length < len(row_tokens)
+            assert torch.equal(tokens[:length], row_tokens[:length])
+            assert torch.equal(mel[:, :frames_for_tokens(length)], row_mel[:, :frames_for_tokens(length)])
+            lengths.add(length)
+    assert {10, 20} <= lengths
+    with pytest.raises(ValueError, match="prefix_prob"):
+        FlowSolver(cfg(tmp_path, make_manifest(tmp_path), "solver.prefix_prob=1.5")).build_dataloaders()
