@@ -89,11 +89,8 @@ class FlowExamples:
         return max(1, len(self.rows) // self.batch_size) if self.shuffle else -(-len(self.rows) // self.batch_size)
 
     def _crop(self, tokens: torch.Tensor, mel: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        # The longest prefix, in blocks: up to a crop's length, and shorter than the row when the
-        # whole row is what a normal crop would take.
-        prefix_blocks = min(len(tokens), self.segment_tokens) // self.block_size
-        if len(tokens) <= self.segment_tokens and len(tokens) % self.block_size == 0:
-            prefix_blocks -= 1
+        # Prefixes are whole blocks, at most a crop long and shorter than the row.
+        prefix_blocks = min(len(tokens) - 1, self.segment_tokens) // self.block_size
         if self.shuffle and prefix_blocks >= 1 and rng.random() < self.prefix_prob:
             # A short prefix: what the streaming decoder's first chunk decodes alone (a few blocks
             # from the utterance start, nothing after them), which normal crops never show.
