@@ -16,6 +16,11 @@ Stages, in order (each reads what the earlier ones wrote under `out_dir`):
     export     the pipeline directory (tokenizer without ASR head, LM, flow + HiFT; cfg.pipeline.dtype)
     eval       voicelm.evaluate.evaluate_pipeline on the held-out dialogues -> eval/report.{json,md}
 
+`take.STAGE=PIPELINE` (a pipeline directory, or DEFAULT for the shipped one) makes a training stage
+take its part from that pipeline instead of training it (the tokenizer, the flow, the HiFT for
+vocoder and vocoder_ft, the LM): on a fresh machine, continue the shipped model with data,
+tokenize and, say, an lm stage fine-tuned from it (`lm:solver.init_from=models/demo/voicelm`).
+
 A finished stage writes `stages/<stage>.done.json` (atomically, last) listing its outputs; a
 rerun skips it. A training stage killed midway resumes from its run's last checkpoint (the
 harness's `resume=true`). `recipe.log` and `status.json` (per-stage wall time) live in `out_dir`.
@@ -50,8 +55,10 @@ SOLVER_OF = {"vocoder_ft": "vocoder"}  # training stages whose solver has anothe
 OPTIONAL_STAGES = ("vocoder_ft",)  # `train.<stage>: null` turns them off
 RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
-OPEN_MAPPINGS = ("pipeline.decoder_inference",)  # overrides may add keys to these (checked in _validate)
+OPEN_MAPPINGS = ("pipeline.decoder_inference", "take")  # overrides may add keys to these (checked in _validate)
 LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when voiced.dialogues > 0
+TAKE_PARTS = {"tokenizer": "tokenizer", "decoder": "decoder", "vocoder": "decoder", "vocoder_ft": "decoder",
+              "lm": "voicelm"}  # `take.STAGE`: the pipeline part directory that stage takes its weights from
 
 
 class RecipeError(RuntimeError):
@@ -127,6 +134,20 @@ def _validate(cfg: dict, path: Path) -> None:
             continue
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             problems.append(f"train.{stage} must be a list of hydra overrides KEY=VALUE (got {overrides!r})")
+    take = cfg.get("take") or {}
+    if not isinstance(take, dict):
+        problems.append(f"take must be a mapping of training stage -> pipeline directory (got {take!r})")
+        take = {}
+    for stage, where in take.items():
+        if where is None:
+            continue
+        if stage not in TRAIN_STAGES:
+            problems.append(f"take.{stage}: not a training stage; take one of {list(TRAIN_STAGES)}")
+            continue
+        part = resolve_pipeline_path(str(where)) / TAKE_PARTS[stage]
+        if not (part / "config.json").is_file():
+            problems.append(f"take.{stage}={where}: no {TAKE_PARTS[stage]}/ part (config.json) in "
+                            f"{resolve_pipeline_path(str(where))}; give a pipeline directory such as models/demo, or DEFAULT")
     if cfg["pipeline"].get("dtype") not in EXPORT_DTYPES:
         problems.append(f"pipeline.dtype must be one of {EXPORT_DTYPES} (got {cfg['pipeline'].get('dtype')!r})")
     if not cfg["pipeline"].get("dir"):
@@ -185,6 +206,8 @@ class Recipe:
         section = {"data": c["data"], "tokenize": c["tokenize"], "voiced": c.get("voiced") or {},
                    "export": c["pipeline"], "eval": c["eval"],
                    **{name: c["train"].get(name) for name in TRAIN_STAGES}}[stage]
+        if self.taken(stage) is not None:  # its weights come from a pipeline, not from training
+            return {"seed": c["seed"], "settings": {"take": str(self.taken(stage))}}
         if stage == "vocoder_ft" and c["pipeline"].get("decoder_inference"):
             # its input mels are sampled the way the shipped flow samples
             section = {"train": section, "input_flow_sampling": c["pipeline"]["decoder_inference"]}
@@ -298,7 +321,8 @@ class Recipe:
             start = time.perf_counter()
             try:
                 self.fresh = force
-                outputs = getattr(self, f"stage_{stage}")()
+                taken = self.taken(stage) if stage in TRAIN_STAGES else None
+                outputs = [self._take(stage, taken)] if taken is not None else getattr(self, f"stage_{stage}")()
             except BaseException as exc:
                 elapsed = time.perf_counter() - start
                 entry["wall_seconds"] = round(entry["wall_seconds"] + elapsed, 1)
@@ -329,7 +353,42 @@ class Recipe:
         return status
 
     def enabled(self, stage: str) -> bool:
-        return stage not in OPTIONAL_STAGES or self.cfg["train"].get(stage) is not None
+        return stage not in OPTIONAL_STAGES or self.cfg["train"].get(stage) is not None or self.taken(stage) is not None
+
+    def taken(self, stage: str) -> Path | None:
+        """The pipeline directory `take.<stage>` names (the stage takes its part from it), or None."""
+        where = (self.cfg.get("take") or {}).get(stage)
+        return None if where is None else resolve_pipeline_path(str(where))
+
+    def _take(self, stage: str, pipeline: Path) -> Path:
+        """The training stage's export, taken from `pipeline`'s part instead of trained: float32,
+        in the layout the stage's own training run exports (a kill leaves no half-written export)."""
+        import torch
+
+        part = pipeline / TAKE_PARTS[stage]
+        export = self.runs_dir / stage / "export"
+        with atomic_write_dir(export) as tmp:
+            if stage == "tokenizer":
+                from tokenizer import SpeechTokenizer
+
+                SpeechTokenizer.from_pretrained(part).float().save_pretrained(tmp)
+            elif stage == "lm":
+                from voicelm.lm.model import VoiceLM
+
+                VoiceLM.from_pretrained(part, dtype=torch.float32).save_pretrained(tmp)
+            else:
+                from decoder.model import SpeechDecoder
+
+                decoder = SpeechDecoder.from_pretrained(part).float()
+                if stage == "decoder":
+                    decoder.save_pretrained(tmp)
+                elif decoder.is_fallback_vocoder:
+                    raise RecipeError(f"take.{stage}={pipeline}: its decoder has no trained HiFT (Griffin-Lim "
+                                      f"fallback), so there is no vocoder to take; train the {stage} stage instead")
+                else:
+                    decoder.vocoder.save_pretrained(tmp)
+        log.info("stage %s: taken from %s (no training): %s", stage, part, export)
+        return export
 
     def require(self, stage: str) -> dict:
         info = self.is_done(stage)
@@ -471,9 +530,14 @@ class Recipe:
             return None
         self.require("decoder")
         self.require("vocoder")
+        # The vocoder run's generator + discriminator; a taken vocoder has only its generator (the
+        # discriminator then starts fresh)
+        start = self.runs_dir / "vocoder" / "checkpoints" / "last"
+        if not (start / "model.safetensors").is_file():
+            start = self.runs_dir / "vocoder" / "export"
         return [self._train("vocoder_ft", [
             f"solver.train_manifest={self.tokens_dir / 'assistant.jsonl'}", "solver.valid_split=heldout",
-            f"solver.init_from={self.runs_dir / 'vocoder' / 'checkpoints' / 'last'}",
+            f"solver.init_from={start}",
             f"solver.input_flow={self.runs_dir / 'decoder' / 'export'}",
             f"solver.flow_mel_cache_dir={self.out / 'cache' / 'flow-mel'}",
             # the mels inference will feed it: sampled with the shipped flow's settings. One override
@@ -555,9 +619,13 @@ class Recipe:
 
 def pipeline_dir(cfg: dict) -> Path:
     """`pipeline.dir`, where DEFAULT means the shipped default (voicelm.DEFAULT_PIPELINE)."""
+    return resolve_pipeline_path(str(cfg["pipeline"]["dir"]))
+
+
+def resolve_pipeline_path(value: str) -> Path:
+    """A pipeline directory named in the recipe config; DEFAULT = voicelm.DEFAULT_PIPELINE."""
     from voicelm.core.paths import DEFAULT_PIPELINE
 
-    value = cfg["pipeline"]["dir"]
     return DEFAULT_PIPELINE if value == "DEFAULT" else Path(value).resolve()
 
 

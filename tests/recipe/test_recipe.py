@@ -154,6 +154,46 @@ def test_decoder_sampling_settings_are_written_into_the_shipped_flow(smoke, tmp_
         load_recipe_config("smoke", ["pipeline.decoder_inference.temperature=0.5"])
 
 
+def test_stages_taken_from_a_pipeline_reexport_it_and_vocoder_ft_trains_from_its_hift(smoke, tmp_path):
+    """A fresh machine continuing a shipped pipeline: its data and tokens are there, the training
+    stages take their parts from the pipeline (no training) and vocoder_ft fine-tunes its HiFT."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shipped = smoke["out"] / "pipeline"
+    out = tmp_path / "continued"
+    shutil.copytree(smoke["out"], out, ignore=shutil.ignore_patterns("runs", "cache", "pipeline", "eval"))
+    for stage in (*TRAIN_STAGES, "export", "eval"):
+        (out / "stages" / f"{stage}.done.json").unlink()
+    take = [f"take.{stage}={shipped}" for stage in ("tokenizer", "decoder", "vocoder", "lm")]
+    status = run_recipe("smoke", [f"out_dir={out}", *take], stages="tokenizer,decoder,vocoder,vocoder_ft,lm,export")
+    assert all(status["stages"][s]["state"] == "done" for s in (*TRAIN_STAGES, "export"))
+    for stage in ("tokenizer", "decoder", "vocoder", "lm"):  # taken: an export, no training run
+        assert (out / "runs" / stage / "export" / "config.json").is_file()
+        assert not (out / "runs" / stage / "checkpoints").exists()
+    assert (out / "runs" / "vocoder_ft" / "checkpoints").is_dir()
+    log = (out / "recipe.log").read_text()
+    assert "generator initialised from" in log and "the discriminator starts fresh" in log
+    for part in ("tokenizer", "voicelm"):  # taken and exported again: the same file, byte for byte
+        weights = f"{part}/model.safetensors"
+        assert (out / "pipeline" / weights).read_bytes() == (shipped / weights).read_bytes()
+    before, after = (load_file(str(p / "decoder" / "model.safetensors")) for p in (shipped, out / "pipeline"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("flow."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vocoder."))
+    # taking instead of training is a change of settings that a done marker is checked against
+    plain = load_recipe_config("smoke", [f"out_dir={out}"])
+    assert Recipe(plain).settings_hash("lm") != Recipe(load_recipe_config("smoke", [f"out_dir={out}", *take])).settings_hash("lm")
+
+
+def test_bad_take_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(RecipeError, match=r"take.lmm: not a training stage; take one of \['tokenizer'"):
+        load_recipe_config("smoke", ["take.lmm=DEFAULT"])
+    with pytest.raises(RecipeError, match=rf"take.lm={tmp_path}: no voicelm/ part \(config.json\) in {tmp_path}"):
+        load_recipe_config("smoke", [f"take.lm={tmp_path}"])
+    assert Recipe(load_recipe_config("smoke", ["take.decoder=DEFAULT"])).taken("decoder").name == "demo"
+
+
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(RecipeError, match="known presets"):
         load_recipe_config("nope")
