@@ -144,10 +144,10 @@ def _validate(cfg: dict, path: Path) -> None:
         if stage not in TRAIN_STAGES:
             problems.append(f"take.{stage}: not a training stage; take one of {list(TRAIN_STAGES)}")
             continue
-        part = resolve_pipeline_path(str(where)) / TAKE_PARTS[stage]
-        if not (part / "config.json").is_file():
-            problems.append(f"take.{stage}={where}: no {TAKE_PARTS[stage]}/ part (config.json) in "
-                            f"{resolve_pipeline_path(str(where))}; give a pipeline directory such as models/demo, or DEFAULT")
+        pipeline = resolve_pipeline_path(str(where))
+        if not (pipeline / TAKE_PARTS[stage] / "config.json").is_file():
+            problems.append(f"take.{stage}={where}: no {TAKE_PARTS[stage]}/ part (config.json) in {pipeline}; "
+                            f"give a pipeline directory such as models/demo, or DEFAULT")
     if cfg["pipeline"].get("dtype") not in EXPORT_DTYPES:
         problems.append(f"pipeline.dtype must be one of {EXPORT_DTYPES} (got {cfg['pipeline'].get('dtype')!r})")
     if not cfg["pipeline"].get("dir"):
@@ -206,8 +206,9 @@ class Recipe:
         section = {"data": c["data"], "tokenize": c["tokenize"], "voiced": c.get("voiced") or {},
                    "export": c["pipeline"], "eval": c["eval"],
                    **{name: c["train"].get(name) for name in TRAIN_STAGES}}[stage]
-        if self.taken(stage) is not None:  # its weights come from a pipeline, not from training
-            return {"seed": c["seed"], "settings": {"take": str(self.taken(stage))}}
+        taken = self.taken(stage)
+        if taken is not None:  # its weights come from a pipeline, not from training
+            return {"seed": c["seed"], "settings": {"take": str(taken)}}
         if stage == "vocoder_ft" and c["pipeline"].get("decoder_inference"):
             # its input mels are sampled the way the shipped flow samples
             section = {"train": section, "input_flow_sampling": c["pipeline"]["decoder_inference"]}
@@ -321,7 +322,7 @@ class Recipe:
             start = time.perf_counter()
             try:
                 self.fresh = force
-                taken = self.taken(stage) if stage in TRAIN_STAGES else None
+                taken = self.taken(stage)  # only training stages can be taken (_validate)
                 outputs = [self._take(stage, taken)] if taken is not None else getattr(self, f"stage_{stage}")()
             except BaseException as exc:
                 elapsed = time.perf_counter() - start
