@@ -128,7 +128,8 @@ class FlowMels:
     """The mel a decoder's flow model samples from stored speech tokens (offline, its fixed noise),
     computed once per (flow weights and config, tokens), kept as .pt files under `cache_dir` when
     given. The config is part of the key: its sampling settings (steps, guidance, noise_scale)
-    change the mel as much as the weights do."""
+    change the mel as much as the weights do. The decoder's HiFT is not: a pipeline whose vocoder
+    was replaced (a fine-tuned HiFT shipped) is served the mels cached for its predecessor."""
 
     def __init__(self, decoder_dir: str | Path, cache_dir: str | Path | None, sampling: dict | None = None):
         from decoder.cli import resolve_checkpoint
@@ -142,10 +143,11 @@ class FlowMels:
             self.decoder.flow.config = with_sampling(self.decoder.flow.config, sampling)
         except ValueError as exc:
             raise ValueError(f"solver.input_flow_sampling: {exc}") from None
-        digest = hashlib.sha1()
-        for name in sorted(p.name for p in directory.glob("*.safetensors")) + ["config.json"]:
-            digest.update((directory / name).read_bytes())
-        digest.update(json.dumps(sampling, sort_keys=True).encode())
+        flow = self.decoder.flow
+        digest = hashlib.sha1(json.dumps(dataclasses.asdict(flow.config), sort_keys=True).encode())
+        for name, tensor in sorted(flow.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
         self.flow_id = digest.hexdigest()[:16]
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.vocab_size = self.decoder.flow.config.vocab_size

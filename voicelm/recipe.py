@@ -123,6 +123,8 @@ def _validate(cfg: dict, path: Path) -> None:
     voiced = cfg.get("voiced") or {}
     if not isinstance(voiced, dict) or not isinstance(voiced.get("dialogues", 0), int) or voiced.get("dialogues", 0) < 0:
         problems.append(f"voiced.dialogues must be an integer >= 0 (got {voiced!r})")
+    elif not isinstance(voiced.get("min_answer_words", 0), int) or voiced.get("min_answer_words", 0) < 0:
+        problems.append(f"voiced.min_answer_words must be an integer >= 0 (got {voiced.get('min_answer_words')!r})")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         problems.append(f"threads must be null or an integer >= 1 (got {threads!r})")
@@ -498,6 +500,7 @@ class Recipe:
         data_dir, tokens_dir = self.data_dir / "voiced", self.tokens_dir / "voiced"
         build_voiced_corpus(data_dir, count=count, skip=self.cfg["data"]["train"], seed=self.cfg["seed"],
                             jobs=int(self.cfg["voiced"].get("jobs", self.cfg["data"].get("jobs", 1))),
+                            min_answer_words=int(self.cfg["voiced"].get("min_answer_words", 0)),
                             progress=sys.stderr.isatty())
         outputs = self._tokenize_corpus(data_dir, tokens_dir)
         # One LM manifest: the spoken corpus (its held-out split validates the LM) + the voiced dialogues,

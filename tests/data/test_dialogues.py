@@ -115,6 +115,24 @@ def test_voiced_dialogues_follow_the_spoken_corpus_and_share_answers():
                 assert t["audio"] == answers[(t["text"], t["style"])]
 
 
+def test_voiced_dialogues_can_be_only_those_with_long_answers():
+    everything, _, _ = plan_voiced(3000, skip=30, seed=0)
+    long, user_items, answer_items = plan_voiced(40, skip=30, seed=0, min_answer_words=9)
+    longest = lambda d: max(len(t["text"].split()) for t in d["turns"] if t["role"] == "assistant")
+    # The first 40 dialogues after the spoken corpus with a 9-word answer, in the generator's order
+    # (the unfiltered plan holds them too): rare (a few in a hundred), and every one has such an answer.
+    expected = [d for d in everything if longest(d) >= 9][:40]
+    assert len(expected) == 40 and len(everything) > 10 * 40
+    assert [d["id"] for d in long] == [d["id"] for d in expected]
+    assert [[t["text"] for t in d["turns"]] for d in long] == [[t["text"] for t in d["turns"]] for d in expected]
+    assert all(longest(d) >= 9 for d in long) and len(user_items) == sum(len(d["turns"]) for d in long) // 2
+    assert any("hundred" in i.text for i in answer_items)
+    with pytest.raises(SynthError, match="lower voiced.min_answer_words"):
+        plan_voiced(2, skip=0, seed=0, min_answer_words=60)
+    with pytest.raises(SynthError, match="min_answer_words must be >= 0"):
+        plan_voiced(2, skip=0, seed=0, min_answer_words=-1)
+
+
 def test_voiced_corpus_renders_and_rejects_nothing_to_do(tmp_path):
     path = build_voiced_corpus(tmp_path / "voiced", count=2, skip=5, seed=0)
     rows = [json.loads(line) for line in path.read_text().splitlines()]

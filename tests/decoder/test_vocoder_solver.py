@@ -237,6 +237,18 @@ def test_fine_tuning_on_the_flows_mels_feeds_them_and_keeps_the_true_targets(man
     train2, _ = again.build_dataloaders()
     assert all(torch.equal(a, b) for a, b in zip(train2.dataset.input_mels, dataset.input_mels))
 
+    # Nor when only the decoder's HiFT changed (a fine-tuned vocoder shipped): the flow's mels are the same.
+    new_hift = tmp_path / "new-hift-decoder"
+    other = SpeechDecoder.from_pretrained(flow_dir)
+    with torch.no_grad():
+        for param in other.vocoder.parameters():
+            param.add_(0.01)
+    other.save_pretrained(new_hift)
+    assert (new_hift / "model.safetensors").read_bytes() != (flow_dir / "model.safetensors").read_bytes()
+    by_new_hift = VocoderSolver(_cfg(tokens_manifest, input_flow=str(new_hift), flow_mel_cache_dir=str(cache)))
+    assert all(torch.equal(a, b) for a, b in zip(by_new_hift.build_dataloaders()[0].dataset.input_mels,
+                                                  dataset.input_mels))
+
     # The same weights sampled with other settings are not served the cached mels of the first:
     # they are sampled anew, whether the settings come from the part's config.json or from
     # solver.input_flow_sampling (the shipped pipeline's, for a recipe).

@@ -207,6 +207,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         load_recipe_config("smoke", ["data.train=0", "data.heldout=0"])
     with pytest.raises(RecipeError, match="pipeline.dtype"):
         load_recipe_config("smoke", ["pipeline.dtype=int3"])
+    with pytest.raises(RecipeError, match=r"voiced.min_answer_words must be an integer >= 0 \(got -2\)"):
+        load_recipe_config("smoke", ["voiced.min_answer_words=-2"])
     with pytest.raises(RecipeError, match="unknown stage"):
         select_stages("data,tokeniser", None)
     with pytest.raises(RecipeError, match="unknown stage"):

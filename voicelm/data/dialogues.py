@@ -86,14 +86,29 @@ def assistant_audio_name(text: str, style: str) -> str:
     return "answer-" + hashlib.sha1(f"{style}|{text}".encode()).hexdigest()[:16]
 
 
-def plan_voiced(count: int, skip: int, seed: int) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
+VOICED_SCAN_FACTOR = 1000  # min_answer_words: give up after this many generated dialogues per one asked for
+
+
+def plan_voiced(count: int, skip: int, seed: int,
+                min_answer_words: int = 0) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
     """`count` more training dialogues, the generator's dialogues after the spoken corpus's first `skip`
     (so none repeats a spoken-corpus dialogue and held-out combinations never occur), with new user
-    voices drawn as in `plan_corpus`, and each distinct assistant answer (text + style) rendered once."""
+    voices drawn as in `plan_corpus`, and each distinct assistant answer (text + style) rendered once.
+
+    `min_answer_words` > 0 keeps only the dialogues with an answer of at least that many words, in the
+    generator's order: long answers (three-digit follow-ups, "two hundred forty minus seven is two
+    hundred thirty three") are ~2 % of the generator's dialogues and the LM's worst spoken ones."""
+    if min_answer_words < 0:
+        raise SynthError(f"min_answer_words must be >= 0 (got {min_answer_words})")
     voice_rng = random.Random(f"voiced-voices:{seed}")
     dialogues, user_items, assistant_items, answers = [], [], [], set()
-    for index, (dialogue_id, exchanges) in enumerate(generate_dialogues(skip + count, "train", seed)):
+    scan_limit = skip + VOICED_SCAN_FACTOR * count
+    for index, (dialogue_id, exchanges) in enumerate(generate_dialogues(scan_limit, "train", seed)):
+        if len(dialogues) == count:
+            break
         if index < skip:
+            continue
+        if min_answer_words and max(len(ex.assistant.split()) for ex in exchanges) < min_answer_words:
             continue
         dialogue_id = f"voiced-{dialogue_id}"
         engine = "piper" if voice_rng.random() < PIPER_USER_SHARE else "espeak"
@@ -109,6 +124,10 @@ def plan_voiced(count: int, skip: int, seed: int) -> tuple[list[dict], list[Synt
                                                  {"split": "train", "style": ex.style}, name=assistant_name))
             turns += _exchange_turns(ex, f"wavs/{user_name}.wav", f"wavs/{assistant_name}.wav")
         dialogues.append({"id": dialogue_id, "split": "train", "speaker": user_voice.speaker, "turns": turns})
+    if len(dialogues) < count:
+        raise SynthError(f"only {len(dialogues)} of the generator's first {scan_limit} training dialogues after "
+                         f"{skip} have an answer of >= {min_answer_words} words, {count} asked for: lower "
+                         f"voiced.min_answer_words or voiced.dialogues")
     return dialogues, user_items, assistant_items
 
 
@@ -122,16 +141,18 @@ def build_corpus(out_dir: str | Path, *, train: int, heldout: int, seed: int = 0
 
 
 def build_voiced_corpus(out_dir: str | Path, *, count: int, skip: int, seed: int = 0, jobs: int = 1,
-                        progress: bool = False) -> Path:
-    """Render `plan_voiced(count, skip, seed)` into `out_dir` (the spoken corpus's layout: dialogues.jsonl,
-    user.jsonl, assistant.jsonl, wavs/); returns the path of dialogues.jsonl (written last).
+                        min_answer_words: int = 0, progress: bool = False) -> Path:
+    """Render `plan_voiced(count, skip, seed, min_answer_words)` into `out_dir` (the spoken corpus's
+    layout: dialogues.jsonl, user.jsonl, assistant.jsonl, wavs/); returns the path of dialogues.jsonl
+    (written last).
 
     The LM needs far more dialogues than the tokenizer and decoder: the recipe's `voiced` stage uses this
     to give it `count` more spoken dialogues at the cost of rendering the new user turns (espeak-ng, fast)
     and each distinct answer once (piper)."""
     if count < 1 or skip < 0:
         raise SynthError(f"ask for at least one voiced dialogue after skip >= 0 (count={count}, skip={skip})")
-    return _render_corpus(Path(out_dir), *plan_voiced(count, skip, seed), seed=seed, jobs=jobs, progress=progress)
+    return _render_corpus(Path(out_dir), *plan_voiced(count, skip, seed, min_answer_words), seed=seed, jobs=jobs,
+                          progress=progress)
 
 
 def _render_corpus(out_dir: Path, dialogues: list[dict], user_items: list[SynthItem],
