@@ -142,11 +142,20 @@ class SpeechDecoder(nn.Module):
         vocoder_type, vocoder_config = vocoder_config_dict(self.vocoder)
         return {"flow": dataclasses.asdict(self.flow.config), "vocoder_type": vocoder_type, "vocoder": vocoder_config}
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write the decoder part (config.json + model.safetensors) atomically."""
-        state = {f"flow.{k}": v for k, v in self.flow.state_dict().items()}
-        state.update({f"vocoder.{k}": v for k, v in self.vocoder.state_dict().items()})
-        return save_part(directory, CHECKPOINT_KIND, self.part_config(), state, dtype=dtype)
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        vocoder_dtype: torch.dtype | None = None) -> Path:
+        """Write the decoder part (config.json + model.safetensors) atomically.
+
+        `dtype` casts the floating-point tensors (None keeps them); `vocoder_dtype`, when given, is
+        the vocoder's own (a small HiFT may stay float32 beside a float16 flow: it is a few MB, and
+        rounding it to float16 costs intelligibility). Loading upcasts either to float32."""
+        def cast(tensor: torch.Tensor, to: torch.dtype | None) -> torch.Tensor:
+            return tensor.to(to) if to is not None and tensor.is_floating_point() else tensor
+
+        vocoder_dtype = dtype if vocoder_dtype is None else vocoder_dtype
+        state = {f"flow.{k}": cast(v, dtype) for k, v in self.flow.state_dict().items()}
+        state.update({f"vocoder.{k}": cast(v, vocoder_dtype) for k, v in self.vocoder.state_dict().items()})
+        return save_part(directory, CHECKPOINT_KIND, self.part_config(), state)
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any], where: str = "decoder config") -> "SpeechDecoder":

@@ -48,10 +48,13 @@ def test_shipped_files_are_small_half_precision_and_without_the_asr_head():
     assert sum(p.stat().st_size for p in files) < 100e6
     info = json.loads((DEFAULT_PIPELINE / "pipeline.json").read_text())
     assert info["random_weights"] is False and info["dtype"] == "float16"
+    short = {"float16": "F16", "float32": "F32"}
     for path in DEFAULT_PIPELINE.rglob("*.safetensors"):
         with safe_open(str(path), "pt") as f:
-            floats = {str(f.get_slice(k).get_dtype()) for k in f.keys()} - {"I64", "I32", "BOOL"}
-            assert floats <= {"F16"}, (path, floats)
+            for key in f.keys():  # every float tensor in the dtype pipeline.json states (the HiFT may differ)
+                stated = info.get("vocoder_dtype", info["dtype"]) if key.startswith("vocoder.") else info["dtype"]
+                found = str(f.get_slice(key).get_dtype())
+                assert found in {"I64", "I32", "BOOL", short[stated]}, (path, key, found, stated)
             if path.parent.name == "tokenizer":
                 assert not [k for k in f.keys() if k.startswith("asr")], "the tokenizer's ASR head was shipped"
 

@@ -13,7 +13,8 @@ Stages, in order (each reads what the earlier ones wrote under `out_dir`):
     vocoder_ft solver=vocoder again, from that vocoder, on the mels the trained flow samples from the
                assistant turns' tokens (targets: the true audio)          -> runs/vocoder_ft/export
     lm         solver=lm on the tokenized dialogues                        -> runs/lm/export
-    export     the pipeline directory (tokenizer without ASR head, LM, flow + HiFT; cfg.pipeline.dtype)
+    export     the pipeline directory (tokenizer without ASR head, LM, flow + HiFT; cfg.pipeline.dtype,
+               the HiFT in cfg.pipeline.vocoder_dtype when set)
     eval       voicelm.evaluate.evaluate_pipeline on the held-out dialogues -> eval/report.{json,md}
 
 `take.STAGE=PIPELINE` (a pipeline directory, or DEFAULT for the shipped one) makes a training stage
@@ -152,6 +153,9 @@ def _validate(cfg: dict, path: Path) -> None:
                             f"give a pipeline directory such as models/demo, or DEFAULT")
     if cfg["pipeline"].get("dtype") not in EXPORT_DTYPES:
         problems.append(f"pipeline.dtype must be one of {EXPORT_DTYPES} (got {cfg['pipeline'].get('dtype')!r})")
+    if cfg["pipeline"].get("vocoder_dtype") not in (None, *EXPORT_DTYPES):
+        problems.append(f"pipeline.vocoder_dtype must be one of {EXPORT_DTYPES}, or null for pipeline.dtype "
+                        f"(got {cfg['pipeline'].get('vocoder_dtype')!r})")
     if not cfg["pipeline"].get("dir"):
         problems.append("pipeline.dir is required (where the pipeline directory goes)")
     # sampling settings the export writes into the shipped flow (chosen after training, e.g. with
@@ -574,7 +578,9 @@ class Recipe:
         from voicelm.lm.model import VoiceLM
         from voicelm.pipeline import PIPELINE_FILE, load_pipeline
 
-        dtype = {"float32": None, "float16": torch.float16}[self.cfg["pipeline"]["dtype"]]
+        dtypes = {"float32": torch.float32, "float16": torch.float16}
+        dtype_name = self.cfg["pipeline"]["dtype"]
+        vocoder_dtype_name = self.cfg["pipeline"].get("vocoder_dtype") or dtype_name
         tok = SpeechTokenizer.from_pretrained(self.runs_dir / "tokenizer" / "export")
         lm = VoiceLM.from_pretrained(self.runs_dir / "lm" / "export", dtype=torch.float32)
         flow_part = SpeechDecoder.from_pretrained(self.runs_dir / "decoder" / "export")
@@ -585,12 +591,13 @@ class Recipe:
         decoder.flow.load_state_dict(flow_part.flow.state_dict())
         info = {"name": self.cfg["pipeline"].get("name") or f"recipe-{self.cfg['name']}",
                 "description": self.cfg["pipeline"].get("description", ""), "random_weights": False,
-                "recipe": self.cfg["name"], "dtype": self.cfg["pipeline"]["dtype"]}
+                "recipe": self.cfg["name"], "dtype": dtype_name, "vocoder_dtype": vocoder_dtype_name}
         # One atomic directory: a kill leaves the previous pipeline (or none), never a mixture.
         with atomic_write_dir(self.pipeline_dir) as tmp:
-            tok.save_pretrained(tmp / "tokenizer", dtype=dtype, include_asr_head=False)
-            lm.save_pretrained(tmp / "voicelm", dtype=dtype)
-            decoder.save_pretrained(tmp / "decoder", dtype=dtype)
+            tok.save_pretrained(tmp / "tokenizer", dtype=dtypes[dtype_name], include_asr_head=False)
+            lm.save_pretrained(tmp / "voicelm", dtype=dtypes[dtype_name])
+            decoder.save_pretrained(tmp / "decoder", dtype=dtypes[dtype_name],
+                                    vocoder_dtype=dtypes[vocoder_dtype_name])
             (tmp / PIPELINE_FILE).write_text(json.dumps(info, indent=2) + "\n")
             load_pipeline(tmp)  # the contracts (vocab, rates) are checked before anything is published
             for new in tmp.rglob("*.safetensors"):  # unchanged weights stay byte for byte (git history)
@@ -598,7 +605,8 @@ class Recipe:
                 if old.is_file() and same_safetensors(old, new):
                     shutil.copyfile(old, new)
         size = sum(p.stat().st_size for p in self.pipeline_dir.rglob("*") if p.is_file())
-        log.info("stage export: %s (%.1f MB, %s)", self.pipeline_dir, size / 1e6, self.cfg["pipeline"]["dtype"])
+        log.info("stage export: %s (%.1f MB, %s; vocoder %s)", self.pipeline_dir, size / 1e6, dtype_name,
+                 vocoder_dtype_name)
         return [self.pipeline_dir]
 
     def stage_eval(self) -> list[Path] | None:

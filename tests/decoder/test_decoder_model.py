@@ -38,6 +38,22 @@ def test_save_reload_identical(decoder, tmp_path):
     assert torch.isfinite(SpeechDecoder.from_pretrained(tmp_path / "half").decode(tokens)).all()
 
 
+def test_mixed_precision_keeps_the_vocoder_in_float32(decoder, tmp_path):
+    from safetensors import safe_open
+
+    decoder.save_pretrained(tmp_path / "mixed", dtype=torch.float16, vocoder_dtype=torch.float32)
+    with safe_open(str(tmp_path / "mixed" / "model.safetensors"), "pt") as f:
+        floats = {k: str(f.get_slice(k).get_dtype()) for k in f.keys() if f.get_slice(k).get_dtype() in ("F16", "F32")}
+    assert {d for k, d in floats.items() if k.startswith("flow.")} == {"F16"}
+    assert {d for k, d in floats.items() if k.startswith("vocoder.")} == {"F32"}
+    loaded = SpeechDecoder.from_pretrained(tmp_path / "mixed")
+    for name, value in decoder.vocoder.state_dict().items():  # the vocoder exactly, not rounded
+        assert torch.equal(loaded.vocoder.state_dict()[name], value), name
+    for name, value in decoder.flow.state_dict().items():
+        expected = value.half().float() if value.is_floating_point() else value
+        assert torch.equal(loaded.flow.state_dict()[name], expected), name
+
+
 def test_griffinlim_decoder_is_labelled_and_round_trips(tmp_path):
     flow_config = config_from_dict(FlowConfig, load_preset("decoder", "tiny"))
     decoder = SpeechDecoder(flow_config, GriffinLimVocoder(n_iter=3))

@@ -87,14 +87,15 @@ def test_pipeline_loads_and_answers_with_text_and_audio(smoke):
 
     pipeline_dir = smoke["out"] / "pipeline"
     info = json.loads((pipeline_dir / "pipeline.json").read_text())
-    assert info["recipe"] == "smoke" and info["dtype"] == "float16"
+    assert info["recipe"] == "smoke" and info["dtype"] == "float16" and info["vocoder_dtype"] == "float32"
     assert not (pipeline_dir / "tokenizer" / "model.safetensors").read_bytes().count(b"asr_head.")
     pipeline = voicelm.load_pipeline(pipeline_dir)
     assert not pipeline.decoder.is_fallback_vocoder  # the trained HiFT, not Griffin-Lim
     from safetensors.torch import load_file
     tuned = load_file(str(smoke["out"] / "runs" / "vocoder_ft" / "export" / "model.safetensors"))
     shipped = load_file(str(pipeline_dir / "decoder" / "model.safetensors"))
-    assert all(torch.equal(shipped[f"vocoder.{k}"], v.half()) for k, v in tuned.items())  # the fine-tuned one
+    assert all(torch.equal(shipped[f"vocoder.{k}"], v) for k, v in tuned.items())  # the fine-tuned one, float32
+    assert {v.dtype for k, v in shipped.items() if k.startswith("flow.") and v.is_floating_point()} == {torch.float16}
     session = pipeline.session(seed=0, options={"temperature": 0.0})
     events = list(session.respond(text="what is seven plus five?", options={"max_new_tokens": 60}))
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
@@ -116,7 +117,7 @@ def test_vocoder_ft_off_ships_the_vocoder_stages_hift(smoke, tmp_path):
     assert status["stages"]["vocoder_ft"]["state"] == "skipped" and status["stages"]["export"]["state"] == "done"
     plain = load_file(str(out / "runs" / "vocoder" / "export" / "model.safetensors"))
     shipped = load_file(str(out / "pipeline" / "decoder" / "model.safetensors"))
-    assert all(torch.equal(shipped[f"vocoder.{k}"], v.half()) for k, v in plain.items())
+    assert all(torch.equal(shipped[f"vocoder.{k}"], v) for k, v in plain.items())  # float32
     with pytest.raises(RecipeError, match="train.vocoder_ft is null"):
         load_recipe_config("smoke", ["train.vocoder_ft=null", "vocoder_ft:solver.steps=3"])
 
@@ -207,6 +208,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         load_recipe_config("smoke", ["data.train=0", "data.heldout=0"])
     with pytest.raises(RecipeError, match="pipeline.dtype"):
         load_recipe_config("smoke", ["pipeline.dtype=int3"])
+    with pytest.raises(RecipeError, match=r"pipeline.vocoder_dtype must be one of .*got 'bf16'"):
+        load_recipe_config("smoke", ["pipeline.vocoder_dtype=bf16"])
+    assert load_recipe_config("smoke", ["pipeline.vocoder_dtype=null"])["pipeline"]["vocoder_dtype"] is None
     with pytest.raises(RecipeError, match=r"voiced.min_answer_words must be an integer >= 0 \(got -2\)"):
         load_recipe_config("smoke", ["voiced.min_answer_words=-2"])
     with pytest.raises(RecipeError, match="unknown stage"):
