@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/lm_accuracy.py --lm runs/recipe-demo/runs/lm/export \
         [--recipe-dir runs/recipe-demo] [--count 100] [--asked speech|text|both] [--checkpoint CKPT]
+    .venv/bin/python bench/lm_accuracy.py --lm models/demo/voicelm --table times
 
 Unlike `voicelm eval` (the whole pipeline, the model's own earlier answers as history), every
 exchange here is asked on its own with the *reference* earlier turns as history, and no audio is
@@ -13,6 +14,12 @@ folder of a pipeline); `--checkpoint` loads a training checkpoint's weights into
 (`runs/lm/checkpoints/last/model.safetensors`), to follow a run while it trains.
 
 Scored with `voicelm.evaluate.answer_correct`, the eval's own rule. Greedy, 13:26 layout.
+
+`--table OP` (plus, minus or times) asks every operand pair 0-20 of that operation in text, with
+no history, in the first phrasing, and counts the right answers by split and operand order:
+the pairs training has in both orders, the trained twin (small operand first) and the held-out
+order (large first) of the held-out pairs. It tells memorising from generalising: the session-10
+LM had every trained product right and 16 of the 22 held-out orders.
 
 `--asr` also scores the LM's own transcription task (the ASR system prompt it is trained with)
 on every held-out user utterance: word error of its text against what was said
@@ -111,6 +118,42 @@ def asr_wer(lm, dialogues: list[dict]) -> tuple[dict[str, float], list[tuple[str
     return {task: normalized_wer(refs, hyps) for task, (refs, hyps) in by_task.items()}, misheard
 
 
+def operand_table(lm, op: str, seed: int = 0) -> tuple[dict[str, list[int]], list[tuple[str, str]]]:
+    """-> ({row: [right, asked]}, [(question, answer) of the misses]) for every pair of `op`."""
+    from voicelm.data.dialogue_text import (ARITHMETIC_PHRASINGS, MAX_OPERAND, OPERATIONS, arithmetic_split,
+                                             number_words)
+    from voicelm.evaluate import answer_correct
+    from voicelm.lm.generate import SamplingOptions, VoiceLMGen
+    from voicelm.lm.prompt import build_prompt
+
+    options = SamplingOptions(temperature=0.0, max_new_tokens=40, text_tokens=13, speech_tokens=26)
+    tally: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    misses = []
+    for a in range(MAX_OPERAND + 1):
+        for b in range(MAX_OPERAND + 1):
+            if op == "minus" and a < b:
+                continue  # the domain's differences are never negative
+            split = arithmetic_split(a, op, b, 0, seed=seed)
+            if split == "heldout":
+                row = "held out (large operand first)" if a > b else "held out"
+            elif op != "minus" and a != b and arithmetic_split(max(a, b), op, min(a, b), 0, seed=seed) == "heldout":
+                row = "trained twin of a held-out pair"
+            else:
+                row = "trained"
+            question = ARITHMETIC_PHRASINGS[0].format(a=number_words(a), op=op, b=number_words(b))
+            prompt = build_prompt(lm.config.vocab, lm.text_tokenizer, (), user_text=question, system="auto")
+            generation = VoiceLMGen(lm, prompt, options)
+            generation.run()
+            said = generation.text()
+            result = number_words(OPERATIONS[op](a, b))
+            right = answer_correct(result, said, reference=f"{number_words(a)} {op} {number_words(b)} is {result}.")
+            tally[row][0] += right
+            tally[row][1] += 1
+            if not right:
+                misses.append((question, said))
+    return tally, misses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lm", type=Path, required=True, help="LM part directory (export or PIPELINE/voicelm)")
@@ -121,6 +164,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--misses", type=int, default=10, help="held-out misses to print")
     parser.add_argument("--asr", action="store_true", help="also the LM's ASR word error on the user turns")
+    parser.add_argument("--table", choices=("plus", "minus", "times"),
+                        help="instead: every operand pair of this operation, asked in text, by split and order")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe seed whose split --table uses")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -132,6 +178,18 @@ def main() -> None:
     if args.checkpoint is not None:
         lm.load_state(load_file(str(args.checkpoint)), where=str(args.checkpoint))
     lm.model.eval()
+    if args.table:
+        start = time.perf_counter()
+        with torch.no_grad():
+            tally, misses = operand_table(lm, args.table, args.seed)
+        print(f"\nevery '{args.table}' pair 0-20 asked in text (the split of recipe seed {args.seed}); LM {args.lm}; "
+              f"{platform.machine()}, {args.threads} thread(s), {time.perf_counter() - start:.0f} s")
+        print("| pairs | right |\n|---|---|")
+        for row, (right, total) in sorted(tally.items()):
+            print(f"| {row} | {right}/{total} |")
+        for question, said in misses[:args.misses]:
+            print(f"  x {question!r}: {said!r}")
+        return
     dialogues = held_out_dialogues(args.recipe_dir, args.count)
     for asked in (("speech", "text") if args.asked == "both" else (args.asked,)):
         start = time.perf_counter()
