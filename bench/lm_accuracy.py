@@ -120,7 +120,7 @@ def asr_wer(lm, dialogues: list[dict]) -> tuple[dict[str, float], list[tuple[str
 
 def operand_table(lm, op: str, seed: int = 0) -> tuple[dict[str, list[int]], list[tuple[str, str]]]:
     """-> ({row: [right, asked]}, [(question, answer) of the misses]) for every pair of `op`."""
-    from voicelm.data.dialogue_text import (ARITHMETIC_PHRASINGS, MAX_OPERAND, OPERATIONS, arithmetic_split,
+    from voicelm.data.dialogue_text import (ARITHMETIC_PHRASINGS, MAX_OPERAND, _arith_answer, arithmetic_split,
                                              number_words)
     from voicelm.evaluate import answer_correct
     from voicelm.lm.generate import SamplingOptions, VoiceLMGen
@@ -145,8 +145,8 @@ def operand_table(lm, op: str, seed: int = 0) -> tuple[dict[str, list[int]], lis
             generation = VoiceLMGen(lm, prompt, options)
             generation.run()
             said = generation.text()
-            result = number_words(OPERATIONS[op](a, b))
-            right = answer_correct(result, said, reference=f"{number_words(a)} {op} {number_words(b)} is {result}.")
+            reference, result = _arith_answer(a, op, b)  # the corpus's own answer template
+            right = answer_correct(number_words(result), said, reference=reference)
             tally[row][0] += right
             tally[row][1] += 1
             if not right:
