@@ -7,7 +7,8 @@ Stages, in order (each reads what the earlier ones wrote under `out_dir`):
     tokenize   tokens for both manifests and every dialogue turn           -> tokens/*.jsonl
     voiced     `voiced.dialogues` more training dialogues for the LM, rendered (new user voices, each
                distinct answer once) and tokenized                         -> data/voiced/, tokens/voiced/,
-               tokens/lm_dialogues.jsonl (spoken corpus + voiced dialogues; skipped when 0)
+               and `voiced.repeat_drills` repeat-after-me drills of random word pairs -> data/drills/,
+               tokens/drills/; tokens/lm_dialogues.jsonl (spoken corpus + both; skipped when both are 0)
     decoder    solver=decoder (flow) on the assistant voice                -> runs/decoder/export
     vocoder    solver=vocoder (HiFT) on the assistant voice                -> runs/vocoder/export
     vocoder_ft solver=vocoder again, from that vocoder, on the mels the trained flow samples from the
@@ -57,7 +58,7 @@ OPTIONAL_STAGES = ("vocoder_ft",)  # `train.<stage>: null` turns them off
 RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
 OPEN_MAPPINGS = ("pipeline.decoder_inference", "take")  # overrides may add keys to these (checked in _validate)
-LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when voiced.dialogues > 0
+LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when the voiced stage adds any
 TAKE_PARTS = {"tokenizer": "tokenizer", "decoder": "decoder", "vocoder": "decoder", "vocoder_ft": "decoder",
               "lm": "voicelm"}  # `take.STAGE`: the pipeline part directory that stage takes its weights from
 
@@ -124,8 +125,10 @@ def _validate(cfg: dict, path: Path) -> None:
     voiced = cfg.get("voiced") or {}
     if not isinstance(voiced, dict) or not isinstance(voiced.get("dialogues", 0), int) or voiced.get("dialogues", 0) < 0:
         problems.append(f"voiced.dialogues must be an integer >= 0 (got {voiced!r})")
-    elif not isinstance(voiced.get("min_answer_words", 0), int) or voiced.get("min_answer_words", 0) < 0:
-        problems.append(f"voiced.min_answer_words must be an integer >= 0 (got {voiced.get('min_answer_words')!r})")
+    else:
+        for key in ("min_answer_words", "repeat_drills"):
+            if not isinstance(voiced.get(key, 0), int) or voiced.get(key, 0) < 0:
+                problems.append(f"voiced.{key} must be an integer >= 0 (got {voiced.get(key)!r})")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         problems.append(f"threads must be null or an integer >= 1 (got {threads!r})")
@@ -491,29 +494,44 @@ class Recipe:
     def _voiced_count(self) -> int:
         return int((self.cfg.get("voiced") or {}).get("dialogues") or 0)
 
+    def _drill_count(self) -> int:
+        return int((self.cfg.get("voiced") or {}).get("repeat_drills") or 0)
+
     def stage_voiced(self) -> list[Path]:
-        count = self._voiced_count()
-        if count <= 0:
-            log.info("stage voiced: voiced.dialogues is 0; the LM trains on the spoken corpus alone")
+        count, drills = self._voiced_count(), self._drill_count()
+        if count <= 0 and drills <= 0:
+            log.info("stage voiced: voiced.dialogues and voiced.repeat_drills are 0; the LM trains on the "
+                     "spoken corpus alone")
             return []
         self.require("tokenize")
         check_data_tools()
         from voicelm.core.manifest import iter_jsonl
-        from voicelm.data.dialogues import build_voiced_corpus
+        from voicelm.data.dialogues import build_drill_corpus, build_voiced_corpus
 
-        data_dir, tokens_dir = self.data_dir / "voiced", self.tokens_dir / "voiced"
-        build_voiced_corpus(data_dir, count=count, skip=self.cfg["data"]["train"], seed=self.cfg["seed"],
-                            jobs=int(self.cfg["voiced"].get("jobs", self.cfg["data"].get("jobs", 1))),
-                            min_answer_words=int(self.cfg["voiced"].get("min_answer_words", 0)),
-                            progress=sys.stderr.isatty())
-        outputs = self._tokenize_corpus(data_dir, tokens_dir)
-        # One LM manifest: the spoken corpus (its held-out split validates the LM) + the voiced dialogues,
-        # their audio paths made relative to tokens/.
+        voiced, seed = self.cfg["voiced"], self.cfg["seed"]
+        jobs = int(voiced.get("jobs", self.cfg["data"].get("jobs", 1)))
+        progress = sys.stderr.isatty()
+        # Each corpus is rendered once: a rerun with the same plan keeps the audio already there.
+        corpora = []
+        if count > 0:
+            build_voiced_corpus(self.data_dir / "voiced", count=count, skip=self.cfg["data"]["train"], seed=seed,
+                                jobs=jobs, min_answer_words=int(voiced.get("min_answer_words", 0)),
+                                progress=progress)
+            corpora.append("voiced")
+        if drills > 0:
+            build_drill_corpus(self.data_dir / "drills", count=drills, seed=seed, jobs=jobs, progress=progress)
+            corpora.append("drills")
+        # One LM manifest: the spoken corpus (its held-out split validates the LM) + the voiced dialogues
+        # and drills, their audio paths made relative to tokens/.
+        outputs = []
         lines = [line + "\n" for line in (self.tokens_dir / "dialogues.jsonl").read_text().splitlines()]
-        for _, dialogue in iter_jsonl(outputs[-1]):
-            for turn in dialogue["turns"]:
-                turn["audio"] = os.path.relpath(os.path.normpath(tokens_dir / turn["audio"]), self.tokens_dir)
-            lines.append(json.dumps(dialogue, ensure_ascii=False) + "\n")
+        for name in corpora:
+            tokens_dir = self.tokens_dir / name
+            outputs += self._tokenize_corpus(self.data_dir / name, tokens_dir)
+            for _, dialogue in iter_jsonl(outputs[-1]):
+                for turn in dialogue["turns"]:
+                    turn["audio"] = os.path.relpath(os.path.normpath(tokens_dir / turn["audio"]), self.tokens_dir)
+                lines.append(json.dumps(dialogue, ensure_ascii=False) + "\n")
         merged = atomic_write_file(self.tokens_dir / LM_DIALOGUES_NAME, lambda tmp: Path(tmp).write_text("".join(lines)))
         return [*outputs, merged]
 
@@ -558,7 +576,7 @@ class Recipe:
         from voicelm.data.dialogues import TEXT_DIALOGUES_NAME
 
         manifest = self.tokens_dir / "dialogues.jsonl"
-        if self._voiced_count() > 0:
+        if self._voiced_count() > 0 or self._drill_count() > 0:
             self.require("voiced")
             manifest = self.tokens_dir / LM_DIALOGUES_NAME
         extra = [f"solver.train_manifest={manifest}", "solver.valid_split=heldout"]

@@ -5,8 +5,10 @@ import json
 import pytest
 
 from voicelm.core.manifest import read_manifest
-from voicelm.data.dialogue_text import OPERATIONS, generate_dialogues, number_words
-from voicelm.data.dialogues import build_corpus, build_voiced_corpus, plan_corpus, plan_voiced, write_text_dialogues
+from voicelm.data.dialogue_text import (ADJECTIVES, DRILL_WORDS, OPERATIONS, generate_dialogues, heldout_repeat_pairs,
+                                        number_words, repeat_drills)
+from voicelm.data.dialogues import (build_corpus, build_drill_corpus, build_voiced_corpus, plan_corpus, plan_drills,
+                                    plan_voiced, write_text_dialogues)
 from voicelm.data.synth import SynthError
 from voicelm.lm.data import read_dialogues
 
@@ -140,6 +142,50 @@ def test_voiced_corpus_renders_and_rejects_nothing_to_do(tmp_path):
     for row in rows:
         for turn in row["turns"]:
             assert (tmp_path / "voiced" / turn["audio"]).exists() and turn["duration"] > 0.3
+    # The same plan again (a rerun stage) keeps what is rendered; another plan renders anew.
+    wav = tmp_path / "voiced" / rows[0]["turns"][0]["audio"]
+    before = wav.stat().st_mtime_ns, path.stat().st_mtime_ns
+    assert build_voiced_corpus(tmp_path / "voiced", count=2, skip=5, seed=0) == path
+    assert (wav.stat().st_mtime_ns, path.stat().st_mtime_ns) == before
+    build_voiced_corpus(tmp_path / "voiced", count=1, skip=5, seed=0)
+    assert len(path.read_text().splitlines()) == 1 and path.stat().st_mtime_ns != before[1]
     with pytest.raises(SynthError, match="at least one voiced dialogue"):
         build_voiced_corpus(tmp_path / "none", count=0, skip=5)
     assert not (tmp_path / "none").exists()
+
+
+def test_repeat_drills_pair_any_words_but_never_a_heldout_pair():
+    drills = list(repeat_drills(3000, seed=0))
+    assert drills == list(repeat_drills(3000, seed=0)) and drills != list(repeat_drills(3000, seed=1))
+    heldout = heldout_repeat_pairs(0)
+    # the held-out pairs are the generator's held-out repeat phrases
+    phrases = {e.answer for _, ex in generate_dialogues(200, "heldout", seed=0) for e in ex if e.task == "repeat"}
+    assert phrases and phrases <= {f"the {a} {n}" for a, n in heldout}
+    pairs = []
+    for dialogue_id, exchanges in drills:
+        (ex,) = exchanges
+        assert dialogue_id.startswith("drill-0-") and ex.task == "repeat" and ex.split == "train"
+        the, first, second = ex.answer.split()
+        assert the == "the" and first != second and {first, second} <= set(DRILL_WORDS)
+        assert ex.assistant == ex.answer + "." and ex.user.endswith(ex.answer + ".")
+        assert not any({first, second} == {a, n} for a, n in heldout), ex
+        pairs.append((first, second))
+    # After an adjective come words the generator never pairs it with: only listening tells which.
+    trained = {(a, n) for _, ex in generate_dialogues(3000, "train", seed=0) for e in ex if e.task == "repeat"
+               for _, a, n in [e.answer.split()]}
+    unseen_after_adjective = [p for p in pairs if p[0] in ADJECTIVES and p not in trained]
+    assert len(unseen_after_adjective) > len(drills) // 4
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        list(repeat_drills(-1, seed=0))
+
+
+def test_drill_corpus_plans_training_dialogues_and_renders(tmp_path):
+    dialogues, user_items, answer_items = plan_drills(50, seed=0)
+    assert [d["id"] for d in dialogues] == [i for i, _ in repeat_drills(50, seed=0)]
+    assert all(d["split"] == "train" and len(d["turns"]) == 2 for d in dialogues)
+    assert len(user_items) == 50 and len(answer_items) == len({d["turns"][1]["text"] for d in dialogues})
+    path = build_drill_corpus(tmp_path / "drills", count=2, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 2 and all((tmp_path / "drills" / t["audio"]).exists() for r in rows for t in r["turns"])
+    with pytest.raises(SynthError, match="at least one repeat drill"):
+        build_drill_corpus(tmp_path / "none", count=0)

@@ -59,10 +59,13 @@ def test_every_stage_done_with_wall_times(smoke):
     rows = [json.loads(line) for line in (out / "tokens" / "dialogues.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(t["tokens"], list) and t["tokens"] for r in rows for t in r["turns"])
     assert all((out / "tokens" / t["audio"]).exists() for r in rows for t in r["turns"])
-    # The LM trains on the spoken corpus plus the voiced stage's dialogues, every turn tokenized.
+    # The LM trains on the spoken corpus plus the voiced stage's dialogues and repeat drills, every turn
+    # tokenized.
     lm_rows = [json.loads(line) for line in (out / "tokens" / "lm_dialogues.jsonl").read_text().splitlines()]
-    assert lm_rows[:len(rows)] == rows and len(lm_rows) == len(rows) + 3
-    assert all(r["id"].startswith("voiced-") and r["split"] == "train" for r in lm_rows[len(rows):])
+    assert lm_rows[:len(rows)] == rows and len(lm_rows) == len(rows) + 3 + 2
+    assert all(r["id"].startswith("voiced-") and r["split"] == "train" for r in lm_rows[len(rows):-2])
+    assert all(r["id"].startswith("drill-") and r["split"] == "train" for r in lm_rows[-2:])
+    assert all(r["turns"][0]["text"].endswith(r["turns"][1]["text"]) for r in lm_rows[-2:])  # "...: the W1 W2."
     assert all(t["tokens"] and (out / "tokens" / t["audio"]).exists() for r in lm_rows for t in r["turns"])
     assert "lm_dialogues.jsonl" in (out / "runs" / "lm" / "config.yaml").read_text()
     # The vocoder was fine-tuned on the trained flow's mels of the assistant turns, from the vocoder run.
@@ -213,6 +216,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert load_recipe_config("smoke", ["pipeline.vocoder_dtype=null"])["pipeline"]["vocoder_dtype"] is None
     with pytest.raises(RecipeError, match=r"voiced.min_answer_words must be an integer >= 0 \(got -2\)"):
         load_recipe_config("smoke", ["voiced.min_answer_words=-2"])
+    with pytest.raises(RecipeError, match=r"voiced.repeat_drills must be an integer >= 0 \(got 'many'\)"):
+        load_recipe_config("smoke", ["voiced.repeat_drills=many"])
     with pytest.raises(RecipeError, match="unknown stage"):
         select_stages("data,tokeniser", None)
     with pytest.raises(RecipeError, match="unknown stage"):

@@ -11,6 +11,8 @@ training data makes learnable:
 - differences, spellings, counts and follow-ups asked with a phrasing that training never pairs
   with that particular question (the question is trained with other phrasings);
 - repeat-after-me phrases made of trained words in pairs that training never uses.
+`repeat_drills` adds training-only repeat-after-me exchanges of random word pairs, so that a
+model learns to repeat what it hears rather than the adjective-noun pairs it has heard before.
 Everything is a pure function of the seed.
 """
 
@@ -169,6 +171,42 @@ def sample_dialogue(rng: random.Random, seed: int) -> tuple[list[Exchange], str]
         request = rng.choice(STYLE_REQUESTS[style])
         exchanges.append(Exchange(request, last.assistant, "style", style=style, answer=last.answer, split=last.split))
     return exchanges, ("heldout" if "heldout" in splits else "train")
+
+
+def heldout_repeat_pairs(seed: int) -> set[tuple[str, str]]:
+    """The (adjective, noun) pairs whose repeat-after-me phrase is held out for `seed`."""
+    return {(a, n) for a in ADJECTIVES for n in NOUNS if _held_out(f"repeat:{a}:{n}", seed)}
+
+
+DRILL_WORDS = sorted(set(ADJECTIVES) | set(NOUNS) | set(WORDS))  # what repeat drills are made of
+
+
+def repeat_drills(count: int, seed: int) -> Iterator[tuple[str, list[Exchange]]]:
+    """`count` one-exchange training dialogues that ask to repeat "the W1 W2": half of them an adjective
+    and any other word of `DRILL_WORDS` ("the tall cake", "the soft milk"), half any two distinct words
+    in either order ("the boat green", "the lamp owl").
+
+    In the generator's own repeat task every noun follows only the adjectives it was trained with, so a
+    small LM learns those pairs as units and says "the soft bird" when it hears the held-out "the soft
+    boat". Drills break that prior: after "the soft" any word may come, so only listening tells which.
+    No drill holds both words of a held-out pair (in any order or phrasing): the held-out split stays
+    unseen. Deterministic for `seed`; ids are "drill-{seed}-NNNNNN"."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    excluded = {frozenset(pair) for pair in heldout_repeat_pairs(seed)}
+    rng = random.Random(f"drills:{seed}")
+    for index in range(count):
+        while True:
+            if rng.random() < 0.5:
+                first = rng.choice(ADJECTIVES)
+                second = rng.choice([w for w in DRILL_WORDS if w != first])
+            else:
+                first, second = rng.sample(DRILL_WORDS, 2)
+            if frozenset((first, second)) not in excluded:
+                break
+        phrase = f"the {first} {second}"
+        user = rng.choice(REPEAT_PHRASINGS).format(p=phrase)
+        yield f"drill-{seed}-{index:06d}", [Exchange(user, f"{phrase}.", "repeat", answer=phrase)]
 
 
 def generate_dialogues(count: int, split: str, seed: int) -> Iterator[tuple[str, list[Exchange]]]:

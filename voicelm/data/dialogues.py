@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import random
 import sys
 import time
@@ -32,8 +33,10 @@ from pathlib import Path
 
 from voicelm.core.checkpoint import atomic_write_file
 from voicelm.core.manifest import read_manifest
-from voicelm.data.dialogue_text import generate_dialogues
+from voicelm.data.dialogue_text import generate_dialogues, repeat_drills
 from voicelm.data.synth import PIPER_VOICE, SynthError, SynthItem, Voice, sample_voice, synthesize_manifest
+
+log = logging.getLogger(__name__)
 
 ASSISTANT_LENGTH_SCALE = {"normal": 1.0, "slow": 1.5, "fast": 0.75}
 PIPER_USER_SHARE = 0.2  # share of user turns spoken by piper instead of espeak
@@ -86,6 +89,25 @@ def assistant_audio_name(text: str, style: str) -> str:
     return "answer-" + hashlib.sha1(f"{style}|{text}".encode()).hexdigest()[:16]
 
 
+def _plan_training_dialogue(dialogue_id: str, exchanges, voice_rng: random.Random, user_items: list[SynthItem],
+                            assistant_items: list[SynthItem], answers: set[str]) -> dict:
+    """The row of one training dialogue with a new user voice drawn from `voice_rng`; appends its user
+    turns to `user_items` and each answer not in `answers` yet to `assistant_items` (rendered once)."""
+    engine = "piper" if voice_rng.random() < PIPER_USER_SHARE else "espeak"
+    user_voice = sample_voice(voice_rng, engine)
+    turns = []
+    for k, ex in enumerate(exchanges):
+        user_name, assistant_name = f"{dialogue_id}_{k}_user", assistant_audio_name(ex.assistant, ex.style)
+        user_items.append(SynthItem(ex.user, user_voice, {"split": "train", "dialogue": dialogue_id,
+                                                          "turn": 2 * k}, name=user_name))
+        if assistant_name not in answers:
+            answers.add(assistant_name)
+            assistant_items.append(SynthItem(ex.assistant, assistant_voice(ex.style),
+                                             {"split": "train", "style": ex.style}, name=assistant_name))
+        turns += _exchange_turns(ex, f"wavs/{user_name}.wav", f"wavs/{assistant_name}.wav")
+    return {"id": dialogue_id, "split": "train", "speaker": user_voice.speaker, "turns": turns}
+
+
 VOICED_SCAN_FACTOR = 1000  # min_answer_words: give up after this many generated dialogues per one asked for
 
 
@@ -110,24 +132,23 @@ def plan_voiced(count: int, skip: int, seed: int,
             continue
         if min_answer_words and max(len(ex.assistant.split()) for ex in exchanges) < min_answer_words:
             continue
-        dialogue_id = f"voiced-{dialogue_id}"
-        engine = "piper" if voice_rng.random() < PIPER_USER_SHARE else "espeak"
-        user_voice = sample_voice(voice_rng, engine)
-        turns = []
-        for k, ex in enumerate(exchanges):
-            user_name, assistant_name = f"{dialogue_id}_{k}_user", assistant_audio_name(ex.assistant, ex.style)
-            user_items.append(SynthItem(ex.user, user_voice, {"split": "train", "dialogue": dialogue_id,
-                                                              "turn": 2 * k}, name=user_name))
-            if assistant_name not in answers:
-                answers.add(assistant_name)
-                assistant_items.append(SynthItem(ex.assistant, assistant_voice(ex.style),
-                                                 {"split": "train", "style": ex.style}, name=assistant_name))
-            turns += _exchange_turns(ex, f"wavs/{user_name}.wav", f"wavs/{assistant_name}.wav")
-        dialogues.append({"id": dialogue_id, "split": "train", "speaker": user_voice.speaker, "turns": turns})
+        dialogues.append(_plan_training_dialogue(f"voiced-{dialogue_id}", exchanges, voice_rng, user_items,
+                                                 assistant_items, answers))
     if len(dialogues) < count:
         raise SynthError(f"only {len(dialogues)} of the generator's first {scan_limit} training dialogues after "
                          f"{skip} have an answer of >= {min_answer_words} words, {count} asked for: lower "
                          f"voiced.min_answer_words or voiced.dialogues")
+    return dialogues, user_items, assistant_items
+
+
+def plan_drills(count: int, seed: int) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
+    """`count` repeat-after-me drills (`dialogue_text.repeat_drills`: random word pairs, never both words
+    of a held-out pair) as training dialogues, with user voices drawn as in `plan_corpus`."""
+    voice_rng = random.Random(f"drill-voices:{seed}")
+    dialogues, user_items, assistant_items, answers = [], [], [], set()
+    for dialogue_id, exchanges in repeat_drills(count, seed):
+        dialogues.append(_plan_training_dialogue(dialogue_id, exchanges, voice_rng, user_items, assistant_items,
+                                                 answers))
     return dialogues, user_items, assistant_items
 
 
@@ -155,8 +176,38 @@ def build_voiced_corpus(out_dir: str | Path, *, count: int, skip: int, seed: int
                           progress=progress)
 
 
+def build_drill_corpus(out_dir: str | Path, *, count: int, seed: int = 0, jobs: int = 1,
+                       progress: bool = False) -> Path:
+    """Render `plan_drills(count, seed)` into `out_dir` (the spoken corpus's layout); returns the path
+    of dialogues.jsonl (written last). The recipe's `voiced` stage adds these to the LM's dialogues."""
+    if count < 1:
+        raise SynthError(f"ask for at least one repeat drill (count={count})")
+    return _render_corpus(Path(out_dir), *plan_drills(count, seed), seed=seed, jobs=jobs, progress=progress)
+
+
+def _already_rendered(out_dir: Path, dialogues: list[dict]) -> bool:
+    """Whether `out_dir` holds a finished render of exactly these dialogues (same ids, speakers, turn
+    texts and audio files, every file present): then a rerun (a resumed or re-chosen recipe stage)
+    reuses it instead of rendering it again."""
+    path = out_dir / DIALOGUES_NAME
+    if not all((out_dir / name).is_file() for name in (DIALOGUES_NAME, "user.jsonl", "assistant.jsonl")):
+        return False
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    except (OSError, ValueError):
+        return False
+    shape = lambda ds: [(d["id"], d.get("speaker"), [(t["role"], t["text"], t.get("audio")) for t in d["turns"]])
+                        for d in ds]
+    if shape(rows) != shape(dialogues):
+        return False
+    return all((out_dir / t["audio"]).is_file() for d in rows for t in d["turns"])
+
+
 def _render_corpus(out_dir: Path, dialogues: list[dict], user_items: list[SynthItem],
                    assistant_items: list[SynthItem], *, seed: int, jobs: int, progress: bool) -> Path:
+    if _already_rendered(out_dir, dialogues):
+        log.info("%s already holds these %d dialogues, rendered: kept", out_dir, len(dialogues))
+        return out_dir / DIALOGUES_NAME
     user_manifest = synthesize_manifest(user_items, out_dir, jobs=jobs, seed=seed, manifest_name="user.jsonl",
                                         progress=progress)
     assistant_manifest = synthesize_manifest(assistant_items, out_dir, jobs=jobs, seed=seed,
