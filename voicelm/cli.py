@@ -65,8 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog="voicelm " + " ".join(words), description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[len(words):])
-    return int(module.main(args) or 0)
+    return int(module.main(parse_arguments(parser, argv[len(words):])) or 0)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options may stand anywhere among the positionals (`voicelm recipe demo --resume KEY=VALUE`
+    as well as `voicelm recipe --resume demo KEY=VALUE`); plain argparse stops a `nargs='*'`
+    positional at the first option and refuses what follows it. A parser whose positionals take
+    the rest of the line verbatim (`argparse.REMAINDER`, as `voicelm train` for hydra) cannot be
+    parsed intermixed, and argparse says so with a TypeError before reading anything."""
+    try:
+        return parser.parse_intermixed_args(argv)
+    except TypeError:
+        return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

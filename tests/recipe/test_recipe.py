@@ -336,3 +336,27 @@ def test_a_done_training_stage_with_raised_steps_continues_and_a_done_data_stage
     run_recipe("smoke", out, stages="data,vocoder", resume=True)  # same settings: both skipped
     run_recipe("smoke", [*out, "data.train=7", "vocoder:solver.steps=999"], stages="data,vocoder", resume=True)
     assert calls == [("data", False), ("vocoder", False), ("vocoder", False)]
+
+
+def test_command_line_takes_options_after_the_preset_and_between_overrides():
+    # the docs write both orders; plain argparse refused options after the first override
+    import argparse
+
+    from voicelm import recipe
+    from voicelm.cli import parse_arguments
+    from voicelm.train import cli as train_cli
+
+    parser = argparse.ArgumentParser(prog="voicelm recipe")
+    recipe.add_arguments(parser)
+    for argv in (["demo", "--resume", "--stages", "voiced", "voiced.jobs=1", "threads=1"],
+                 ["demo", "voiced.jobs=1", "--stages", "voiced", "threads=1", "--resume"],
+                 ["--resume", "--stages", "voiced", "demo", "voiced.jobs=1", "threads=1"]):
+        args = parse_arguments(parser, argv)
+        assert (args.preset, args.overrides, args.stages, args.resume) == \
+            ("demo", ["voiced.jobs=1", "threads=1"], "voiced", True), argv
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        parse_arguments(parser, ["demo", "--restart"])
+    # a command whose positionals are hydra's verbatim remainder keeps plain parsing
+    parser = argparse.ArgumentParser(prog="voicelm train")
+    train_cli.add_arguments(parser)
+    assert parse_arguments(parser, ["solver=lm", "lm=demo"]).overrides == ["solver=lm", "lm=demo"]
