@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from voicelm.lm import VoiceLM, Vocabulary, render_ids
 from voicelm.lm.data import (IGNORE_INDEX, DataOptions, Dialogue, DialogueManifestError, DialogueTurn, SampleBuilder,
                              collate, read_dialogues, write_dialogues)
-from voicelm.lm.prompt import SYSTEM_ASR, SYSTEM_TEXT_ONLY, SYSTEM_TTS
+from voicelm.lm.prompt import ASSISTANT_TAG, SYSTEM_ASR, SYSTEM_TEXT_ONLY, SYSTEM_TTS
 from voicelm.lm.solver import LMSolver
 
 ANSWERS = ["seven plus five is twelve.", "two plus two is four.", "c, a, t.",
@@ -141,6 +141,84 @@ def test_respoken_text_dialogues_take_recorded_turns_of_the_same_words_and_style
     assert samples["respoken"][0].input_ids == reference.input_ids and samples["respoken"][0].labels == reference.labels
     capped = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("respoken",), respoken_max=1))
     assert len(capped.build(spoken, texts)["respoken"]) == 1
+
+
+def _styled_dialogues():
+    """_dialogues() plus two recorded style turns: ANSWERS[0] slow and ANSWERS[1] fast."""
+    spoken = _dialogues()
+    slow = DialogueTurn("assistant", ANSWERS[0], None, [5] * 50, style="slow")
+    fast = DialogueTurn("assistant", ANSWERS[1], None, [6] * 25, style="fast")
+    spoken.append(Dialogue("d10", spoken[0].turns + [DialogueTurn("user", "say it slowly.", None, [7] * 9), slow]))
+    spoken.append(Dialogue("d11", spoken[1].turns + [DialogueTurn("user", "say it quickly.", None, [8] * 9), fast]))
+    return spoken
+
+
+def _answers(v, tokenizer, sample):
+    """[(text ids, speech codes, labels)] of each assistant answer of a sample, in order."""
+    ids, labels = sample.input_ids, sample.labels
+    header = [v.assistant_id] + tokenizer.encode(ASSISTANT_TAG)
+    out = []
+    for start in [i for i in range(len(ids)) if ids[i:i + len(header)] == header]:
+        body = range(start + len(header), ids.index(v.user_id, start))
+        out.append(([ids[i] for i in body if v.is_text(ids[i])],
+                    [ids[i] - v.speech_offset for i in body if v.is_speech(ids[i])], [labels[i] for i in body]))
+    return out
+
+
+def test_voicing_swaps_the_last_answer_and_trains_only_speech_that_says_its_text(tokenizer):
+    v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
+    spoken = _styled_dialogues()
+    recorded = {}
+    for d in spoken:
+        for t in d.turns:
+            if t.role == "assistant":
+                recorded.setdefault(tuple(t.tokens), set()).add((t.text, t.style or "normal"))
+    builder = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("voicing",)))
+    samples = builder.build(spoken)["voicing"]
+    # the two style turns have no other answer recorded in their style: counted, not swapped
+    assert len(samples) == builder.stats.samples["voicing"] == 5 and builder.stats.voicing_unpaired == 2
+    assert [s.source for s in samples] == [f"{d.id}:voicing" for d in spoken[:5]]
+    for d, sample in zip(spoken, samples):
+        last = _answers(v, tokenizer, sample)[-1]
+        text = tokenizer.decode(last[0])
+        # the answer is another recording of the same style, and its speech is that text's recording
+        assert text != d.turns[-1].text
+        assert (text, d.turns[-1].style or "normal") in recorded[tuple(last[1])], (d.id, text)
+        # loss on that speech and the stop tokens only: never on its text, never on earlier answers
+        trained = [l for l in sample.labels if l != IGNORE_INDEX]
+        earlier = len(d.turns) // 2 - 1
+        assert trained == [v.user_id] * earlier + [c + v.speech_offset for c in last[1]] + [v.user_id]
+    # drawn with (seed, dialogue id): the same every build
+    again = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("voicing",))).build(spoken)["voicing"]
+    assert [s.input_ids for s in again] == [s.input_ids for s in samples]
+
+
+def test_restyle_copies_an_unpredictable_answer_in_the_requested_style(tokenizer):
+    v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
+    spoken = _styled_dialogues()
+    builder = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("restyle",)))
+    samples = builder.build(spoken)["restyle"]
+    assert len(samples) == len(spoken) and builder.stats.restyle_uncovered == 0
+    seen = set()
+    for d, sample in zip(spoken, samples):
+        rendered = render_ids(v, tokenizer, sample.input_ids)
+        first, second = _answers(v, tokenizer, sample)
+        assert first[0] == second[0]                      # the same words, said twice
+        style = "slow" if second[1] == [5] * 50 else "fast"
+        assert second[1] == {"slow": [5] * 50, "fast": [6] * 25}[style]      # the recording in the style
+        assert first[1] == next(t.tokens for x in spoken for t in x.turns     # and a plain recording of it
+                                if t.text == tokenizer.decode(first[0]) and t.style is None)
+        request = {"slow": 7, "fast": 8}[style]                            # the recorded request of that style
+        assert f"<|begin_of_audio|>{f'<|audio_{request}|>' * 9}<|end_of_audio|>" in rendered
+        assert "<|audio_" + str(d.turns[0].tokens[0]) + "|>" in rendered   # the dialogue's own first question
+        # no loss on the first answer; the whole second answer and its stop token are trained
+        assert all(l == IGNORE_INDEX for l in first[2]) and second[2] == [i for i in second[2] if i != IGNORE_INDEX]
+        assert [l for l in sample.labels if l != IGNORE_INDEX][-1] == v.user_id
+        seen.add(style)
+    assert seen == {"slow", "fast"}
+    # nothing recorded in a style: no samples, and the log says why
+    plain = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("restyle",)))
+    assert plain.build(_dialogues())["restyle"] == []
 
 
 def test_too_long_and_too_short_are_counted_never_silent(tokenizer, caplog):

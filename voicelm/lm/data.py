@@ -30,6 +30,20 @@ Samples built from one manifest (each an `LMSample`: ids + labels, -100 = no los
   thousand recordings, so speech-in dialogues grow from the recorded count to nearly the text
   count (`SampleBuilder.respoken_dialogues`); `respoken_max` caps how many are built.
 
+- "voicing": a spoken dialogue whose last answer is swapped for another recorded answer of the
+  same style (half the time one that starts with the same word, "two hundred sixty ..."), so the
+  question no longer tells what the answer says; only its own text does. The loss is on that
+  answer's speech and stop token only: its text, wrong for the question, is never trained, and
+  the earlier answers have none (their stop tokens keep theirs: stopping there is right). It teaches the speech to say the text it follows (long
+  answers drifted to another number in speech).
+- "restyle": a style request after an answer the question cannot predict: the first user turn
+  of a spoken dialogue, a recorded answer drawn at random (no loss), a recorded style request
+  ("say it slowly."), then that same answer recorded in the requested style (trained; of the
+  first answer only its stop token is). Only
+  copying the answer in the context is right, not saying a likely answer to the question.
+  Answers come from the texts recorded both plainly and in a style; none are made up.
+  Both draw with (seed, dialogue id), one sample per spoken dialogue.
+
 Too long for `max_length`: the oldest (user, assistant) pairs of a dialogue are dropped until
 it fits (counted as `truncated_dialogues` / `dropped_turns`); a sample whose last exchange alone
 does not fit is skipped (`skipped_too_long`). Answers whose speech is too short to stay behind
@@ -60,7 +74,7 @@ from voicelm.lm.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TASKS = ("dialogue", "asr", "tts", "text", "respoken")
+TASKS = ("dialogue", "asr", "tts", "text", "respoken", "voicing", "restyle")
 
 
 class DialogueManifestError(ValueError):
@@ -160,6 +174,8 @@ class BuildStats:
     skipped_speech_shorter_than_text: int = 0
     skipped_no_assistant_speech: int = 0
     respoken_uncovered: int = 0  # text dialogues with a turn no spoken training turn says
+    restyle_uncovered: int = 0   # spoken dialogues left without a "restyle" sample (no styled recordings)
+    voicing_unpaired: int = 0    # last answers with no other recorded answer of their style to swap in
 
     def report(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
@@ -198,13 +214,14 @@ class SampleBuilder:
         answer before it (one token, as in a generated conversation); the last answer gets its own."""
         ids = system_ids(self.vocab, self.tokenizer, system)
         labels = [IGNORE_INDEX] * len(ids)
-        for k, (user_part, answer) in enumerate(exchanges):
+        for k, exchange in enumerate(exchanges):
+            user_part, answer = exchange[0], exchange[1]
             if user_part[0] != self.vocab.user_id:
                 raise AssertionError("a user part starts with <|user|>")
             ids += user_part
             labels += ([self.vocab.user_id] if k > 0 else [IGNORE_INDEX]) + [IGNORE_INDEX] * (len(user_part) - 1)
             ids += answer
-            labels += answer
+            labels += exchange[2] if len(exchange) > 2 else answer  # (user, answer, labels): a masked answer
         ids.append(self.vocab.user_id)
         labels.append(self.vocab.user_id)
         return LMSample(ids, labels, task, source)
@@ -231,6 +248,12 @@ class SampleBuilder:
 
     # --- samples --------------------------------------------------------------------------------
     def dialogue_sample(self, dialogue: Dialogue, task: str = "dialogue") -> LMSample | None:
+        made = self._exchanges(dialogue)
+        return None if made is None else self._fit(made[0], made[1], task, dialogue.id)
+
+    def _exchanges(self, dialogue: Dialogue) -> tuple[str, list] | None:
+        """(system, [(user part + assistant header, interleaved answer)]) of a dialogue, or None
+        (counted) when it has nothing to learn or an answer cannot be laid out."""
         as_text = self._rng.random() < self.options.text_input_ratio
         exchanges = []
         first_user_is_speech = None
@@ -256,7 +279,49 @@ class SampleBuilder:
         if not exchanges:
             return None  # a lone user turn: nothing to learn
         system = dialogue.system if dialogue.system is not None else default_system(bool(first_user_is_speech))
-        return self._fit(system, exchanges, task, dialogue.id)
+        return system, exchanges
+
+    def _masked(self, answer: list[int], keep_text: bool) -> list[int]:
+        return [i if keep_text or not self.vocab.is_text(i) else IGNORE_INDEX for i in answer]
+
+    def voicing_sample(self, dialogue: Dialogue, bank: "AnswerBank") -> LMSample | None:
+        """`dialogue` with its last answer swapped for another recording (module docstring)."""
+        last = max((i for i, t in enumerate(dialogue.turns) if t.role == "assistant"), default=None)
+        if last is None or dialogue.turns[last].tokens is None:
+            return None
+        original = dialogue.turns[last]
+        rng = random.Random(f"{self.options.seed}:voicing:{dialogue.id}")
+        drawn = bank.other_answer(original.style or "normal", original.text, rng)
+        if drawn is None:
+            self.stats.voicing_unpaired += 1
+            return None
+        text, tokens = drawn
+        turns = dialogue.turns[:last] + [DialogueTurn("assistant", text, None, tokens, original.style)]
+        made = self._exchanges(Dialogue(f"{dialogue.id}:voicing", turns, dialogue.split, dialogue.system))
+        if made is None:
+            return None
+        system, exchanges = made
+        exchanges = ([(u, a, [IGNORE_INDEX] * len(a)) for u, a in exchanges[:-1]]
+                     + [(exchanges[-1][0], exchanges[-1][1], self._masked(exchanges[-1][1], keep_text=False))])
+        return self._fit(system, exchanges, "voicing", f"{dialogue.id}:voicing")
+
+    def restyle_sample(self, dialogue: Dialogue, bank: "AnswerBank") -> LMSample | None:
+        """The first question of `dialogue`, a random recorded answer, a style request, that answer
+        in the requested style; the loss on the last answer only (module docstring)."""
+        question = dialogue.turns[0]
+        rng = random.Random(f"{self.options.seed}:restyle:{dialogue.id}")
+        drawn = bank.restyle(rng)
+        if question.tokens is None or drawn is None:
+            self.stats.restyle_uncovered += 1
+            return None
+        text, plain, request, styled, style = drawn
+        turns = [question, DialogueTurn("assistant", text, None, plain, "normal"),
+                 DialogueTurn("user", request[0], None, request[1]), DialogueTurn("assistant", text, None, styled, style)]
+        made = self._exchanges(Dialogue(f"{dialogue.id}:restyle", turns, dialogue.split, dialogue.system))
+        if made is None:
+            return None
+        system, ((q, first), second) = made
+        return self._fit(system, [(q, first, [IGNORE_INDEX] * len(first)), second], "restyle", f"{dialogue.id}:restyle")
 
     def asr_samples(self, dialogue: Dialogue) -> list[LMSample]:
         out = []
@@ -352,11 +417,74 @@ class SampleBuilder:
                 out["asr"] += self.asr_samples(d)
             if "tts" in out:
                 out["tts"] += self.tts_samples(d)
+        bank = AnswerBank(dialogues) if {"voicing", "restyle"} & set(out) else None
+        if "restyle" in out and not bank.styles:
+            log.warning("LM data: no answer is recorded both plainly and in a style; the restyle task is empty")
+        for d in dialogues:
+            if "voicing" in out:
+                sample = self.voicing_sample(d, bank)
+                if sample is not None:
+                    out["voicing"].append(sample)
+            if "restyle" in out and bank.styles:
+                sample = self.restyle_sample(d, bank)
+                if sample is not None:
+                    out["restyle"].append(sample)
         skipped = (self.stats.skipped_too_long + self.stats.skipped_speech_shorter_than_text
                    + self.stats.skipped_no_assistant_speech)
         if skipped or self.stats.truncated_dialogues:
             log.warning("LM data: %s", self.stats.report())
         return out
+
+
+class AnswerBank:
+    """The recorded turns of spoken dialogues, for the "voicing" and "restyle" tasks: assistant
+    answers by style, and user style requests with the style of the answer that followed them."""
+
+    def __init__(self, dialogues: Sequence[Dialogue]):
+        self.answers: dict[str, list[tuple[str, list[int]]]] = {}
+        self.by_first_word: dict[tuple[str, str], list[tuple[str, list[int]]]] = {}
+        recordings: dict[tuple[str, str], list[list[int]]] = {}
+        self.requests: dict[str, list[tuple[str, list[int]]]] = {}
+        for d in dialogues:
+            for i, turn in enumerate(d.turns):
+                if turn.role != "assistant" or turn.tokens is None or not turn.text:
+                    continue
+                style = turn.style or "normal"
+                self.answers.setdefault(style, []).append((turn.text, turn.tokens))
+                self.by_first_word.setdefault((style, turn.text.split()[0]), []).append((turn.text, turn.tokens))
+                recordings.setdefault((turn.text, style), []).append(turn.tokens)
+                before = d.turns[i - 1]
+                if style != "normal" and before.tokens is not None and before.text:
+                    self.requests.setdefault(style, []).append((before.text, before.tokens))
+        # restyle: (text, its plain recordings, its recordings in the style) for every style requested
+        self.styled: dict[str, list[tuple[str, list[list[int]], list[list[int]]]]] = {
+            style: [(text, recordings[(text, "normal")], recordings[(text, style)])
+                    for text in sorted({t for t, s in recordings if s == style}) if (text, "normal") in recordings]
+            for style in sorted(self.requests)}
+        self.styles = [style for style, texts in self.styled.items() if texts]
+
+    def other_answer(self, style: str, text: str | None, rng: random.Random) -> tuple[str, list[int]] | None:
+        """A recorded answer of `style` whose text is not `text`: half the time one with the same
+        first word (when there is one), else any."""
+        pools = []
+        if text and rng.random() < 0.5:
+            pools.append(self.by_first_word.get((style, text.split()[0]), []))
+        pools.append(self.answers.get(style, []))
+        for pool in pools:
+            for _ in range(8):
+                if pool:
+                    drawn = rng.choice(pool)
+                    if drawn[0] != text:
+                        return drawn
+        return None
+
+    def restyle(self, rng: random.Random):
+        """(text, plain tokens, (request text, request tokens), styled tokens, style), or None."""
+        if not self.styles:
+            return None
+        style = rng.choice(self.styles)
+        text, plain, styled = rng.choice(self.styled[style])
+        return text, rng.choice(plain), rng.choice(self.requests[style]), rng.choice(styled), style
 
 
 def collate(samples: Sequence[LMSample], pad_id: int) -> dict[str, torch.Tensor]:
