@@ -264,6 +264,25 @@ def _accuracy(rows: list[dict]) -> dict[str, Any]:
     return {**count(rows), "by_task": {task: count(sel) for task, sel in sorted(by_task.items())}}
 
 
+LONG_ANSWER_WORDS = 8  # answers whose reference has more words are "long" (three-digit follow-ups)
+
+
+def _style_copies(rows: list[dict]) -> dict[str, Any]:
+    """Held-out style turns ("say it slowly") whose previous exchange was answered right, and how
+    many of them say that answer's words again: copying the context, not answering anew."""
+    copies = total = 0
+    previous: dict[Any, dict] = {}
+    for r in rows:  # in dialogue order
+        key = r.get("dialogue")
+        before = previous.get(key) if key is not None else None
+        if (r["task"] == "style" and r["heldout"] and before is not None and before["correct"]
+                and before.get("exchange") == r.get("exchange", 0) - 1):
+            total += 1
+            copies += normalize_answer_words(r["text"]) == normalize_answer_words(before["text"])
+        previous[key] = r
+    return {"copies": copies, "after_right_answer": total, "rate": copies / total if total else None}
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -281,6 +300,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     audio_seconds = sum(r["audio_seconds"] for r in rows)
     compute = {key: sum(r["timings"].get(key, 0.0) for r in rows) for key in ("total", "lm", "decoder")}
     with_round_trip = [r for r in rows if r.get("round_trip") is not None]
+    long_rows = [r for r in rows if len(r["reference"].split()) > LONG_ANSWER_WORDS]
+    other_rows = [r for r in rows if len(r["reference"].split()) <= LONG_ANSWER_WORDS]
     return {
         "accuracy": {
             "heldout": _accuracy([r for r in rows if r["heldout"]]),
@@ -291,7 +312,13 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             "spoken_vs_text": _wer_or_none([r["text"] for r in rows], [r["spoken_transcript"] for r in rows]),
             "spoken_vs_reference": _wer_or_none([r["reference"] for r in rows],
                                                 [r["spoken_transcript"] for r in rows]),
+            # against the own text, split by the reference's length: long answers are the hard part
+            "spoken_vs_text_long": _wer_or_none([r["text"] for r in long_rows], [r["spoken_transcript"] for r in long_rows]),
+            "spoken_vs_text_other": _wer_or_none([r["text"] for r in other_rows],
+                                                 [r["spoken_transcript"] for r in other_rows]),
+            "long_answers": len(long_rows),
         },
+        "style_copies": _style_copies(rows),
         "round_trip_wer": {
             "user": _wer_or_none([r["user_text"] for r in with_round_trip],
                                  [r["round_trip"]["user_transcript"] for r in with_round_trip]),
@@ -344,6 +371,8 @@ def render_markdown(report: dict) -> str:
         f"| answer accuracy, context turns | {_fmt_acc(acc['context'])} |",
         f"| answer accuracy, all | {_fmt_acc(acc['all'])} |",
         f"| WER spoken answer vs own text | {_fmt_pct(wer['spoken_vs_text'])} |",
+        f"| WER spoken answer vs own text, answers over {LONG_ANSWER_WORDS} words ({wer.get('long_answers', 0)}) / "
+        f"the others | {_fmt_pct(wer.get('spoken_vs_text_long'))} / {_fmt_pct(wer.get('spoken_vs_text_other'))} |",
         f"| WER spoken answer vs reference | {_fmt_pct(wer['spoken_vs_reference'])} |",
         f"| tokenizer round trip WER, user speech | {_fmt_pct(rt['user'])} |",
         f"| tokenizer round trip WER, assistant speech | {_fmt_pct(rt['assistant'])} |",
@@ -353,6 +382,10 @@ def render_markdown(report: dict) -> str:
         ("n/a (no audio)" if rtf["total"] is None else f"{rtf['total']:.2f} (LM {rtf['lm']:.2f}, decoder "
                                                        f"{rtf['decoder']:.2f})") + " |",
     ]
+    copies = report.get("style_copies")
+    if copies and copies["after_right_answer"]:
+        lines.append(f"| held-out style turns after a right answer that repeat it | "
+                     f"{copies['copies']}/{copies['after_right_answer']} |")
     if report["errors"]:
         lines.append(f"| turns that ended in an error | {report['errors']} |")
     tasks = acc["all"]["by_task"]

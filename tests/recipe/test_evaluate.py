@@ -125,6 +125,30 @@ def test_summary_of_hand_made_rows():
     assert summary["rtf"]["total"] == pytest.approx(0.5) and summary["rtf"]["decoder"] == pytest.approx(0.25)
 
 
+def test_summary_counts_style_copies_and_splits_long_answers():
+    def row(dialogue, exchange, task, correct, text, heard=None, heldout=True, reference=None):
+        return {"dialogue": dialogue, "exchange": exchange, "heldout": heldout, "task": task, "correct": correct,
+                "text": text, "reference": reference or text, "spoken_transcript": heard or text, "user_text": "q",
+                "timings": {}, "audio_seconds": 1.0, "errors": [], "round_trip": None}
+
+    three = "three plus zero is three."
+    long_text = "two hundred sixty minus nine is two hundred fifty one."
+    rows = [row("a", 0, "arithmetic", True, three), row("a", 1, "style", True, "Three plus zero is three"),  # a copy
+            row("b", 0, "arithmetic", True, three), row("b", 1, "style", False, "three plus two is five."),  # not
+            row("c", 0, "arithmetic", False, "one."), row("c", 1, "style", False, "one."),   # after a wrong answer
+            row("d", 0, "arithmetic", True, three), row("d", 1, "style", True, three, heldout=False),  # not held out
+            row("e", 0, "follow_up", True, long_text, heard="260 minus 9 is 253.")]
+    summary = summarize(rows)
+    assert summary["style_copies"] == {"copies": 1, "after_right_answer": 2, "rate": 0.5}
+    # the long answer holds the only spoken error: Whisper's normalizer reads both sides as
+    # "260 minus 9 is 251/253", one wrong word of 5
+    assert summary["wer"]["long_answers"] == 1 and summary["wer"]["spoken_vs_text_other"] == 0.0
+    assert summary["wer"]["spoken_vs_text_long"] == pytest.approx(1 / 5)
+    report = {"pipeline": {"name": "x"}, "num_dialogues": 5, "num_exchanges": 9, "split": "heldout",
+              "manifest": "m", "judge": "base", "sampling": {"temperature": 0.0, "seed": 0}, **summary}
+    assert "| held-out style turns after a right answer that repeat it | 1/2 |" in render_markdown(report)
+
+
 def test_report_with_nan_is_not_written(tmp_path):
     rows = [{"heldout": True, "task": "arithmetic", "correct": False, "text": "", "reference": "one is one.",
              "spoken_transcript": "", "user_text": "one", "timings": {}, "audio_seconds": 0.0, "errors": [],
