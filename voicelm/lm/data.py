@@ -34,14 +34,13 @@ Samples built from one manifest (each an `LMSample`: ids + labels, -100 = no los
   same style (half the time one that starts with the same word, "two hundred sixty ..."), so the
   question no longer tells what the answer says; only its own text does. The loss is on that
   answer's speech and stop token only: its text, wrong for the question, is never trained, and
-  the earlier answers have none (their stop tokens keep theirs: stopping there is right). It teaches the speech to say the text it follows (long
-  answers drifted to another number in speech).
+  the earlier answers have none (their stop tokens keep theirs: stopping there is right). It
+  teaches the speech to say the text it follows (long answers drifted to another number in speech).
 - "restyle": a style request after an answer the question cannot predict: the first user turn
-  of a spoken dialogue, a recorded answer drawn at random (no loss), a recorded style request
-  ("say it slowly."), then that same answer recorded in the requested style (trained; of the
-  first answer only its stop token is). Only
-  copying the answer in the context is right, not saying a likely answer to the question.
-  Answers come from the texts recorded both plainly and in a style; none are made up.
+  of a spoken dialogue, a recorded answer drawn at random (no loss but its stop token), a
+  recorded style request ("say it slowly."), then that same answer recorded in the requested
+  style (trained). Only copying the answer in the context is right, not saying a likely answer
+  to the question. Answers come from the texts recorded both plainly and in a style.
   Both draw with (seed, dialogue id), one sample per spoken dialogue.
 
 Too long for `max_length`: the oldest (user, assistant) pairs of a dialogue are dropped until
