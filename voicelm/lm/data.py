@@ -280,8 +280,9 @@ class SampleBuilder:
         system = dialogue.system if dialogue.system is not None else default_system(bool(first_user_is_speech))
         return system, exchanges
 
-    def _masked(self, answer: list[int], keep_text: bool) -> list[int]:
-        return [i if keep_text or not self.vocab.is_text(i) else IGNORE_INDEX for i in answer]
+    def _speech_labels(self, answer: list[int]) -> list[int]:
+        """Labels of an interleaved answer that train its speech only."""
+        return [IGNORE_INDEX if self.vocab.is_text(i) else i for i in answer]
 
     def voicing_sample(self, dialogue: Dialogue, bank: "AnswerBank") -> LMSample | None:
         """`dialogue` with its last answer swapped for another recording (module docstring)."""
@@ -299,9 +300,8 @@ class SampleBuilder:
         made = self._exchanges(Dialogue(f"{dialogue.id}:voicing", turns, dialogue.split, dialogue.system))
         if made is None:
             return None
-        system, exchanges = made
-        exchanges = ([(u, a, [IGNORE_INDEX] * len(a)) for u, a in exchanges[:-1]]
-                     + [(exchanges[-1][0], exchanges[-1][1], self._masked(exchanges[-1][1], keep_text=False))])
+        system, (*earlier, (user, answer)) = made
+        exchanges = [(u, a, [IGNORE_INDEX] * len(a)) for u, a in earlier] + [(user, answer, self._speech_labels(answer))]
         return self._fit(system, exchanges, "voicing", f"{dialogue.id}:voicing")
 
     def restyle_sample(self, dialogue: Dialogue, bank: "AnswerBank") -> LMSample | None:
