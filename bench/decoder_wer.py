@@ -4,7 +4,7 @@ through each half of the decoder, side by side, on the stored tokens of held-out
     .venv/bin/python bench/decoder_wer.py --pipeline runs/recipe-demo/shipped-candidate/demo-v3 \
         --recipe-dir runs/recipe-demo [--count 16] [--flow CKPT] [--vocoder CKPT] [--steps 10] [--cfg 0.7] \
         [--noise-scale 0.5] [--left-context 69] [--holdback 24] [--crossfade 24] [--first-chunk 10] [--chunk-tokens 20,40] \
-        [--rows streamed,flow-hift]
+        [--rows streamed,flow-hift] [--prompt "ten plus eighteen is twenty eight."]
 
 Rows (each scored with `normalized_wer` against the reference answer text, Whisper base judge):
   piper audio            the recorded assistant audio itself: the judge's own floor
@@ -18,6 +18,10 @@ The flow rows also print the mean L1 distance of the sampled mel to the true mel
 
 `--rows` picks rows by short name (piper, hift-true, gl-true, flow-hift, flow-gl, streamed) to
 sweep one setting quickly; the default is every row.
+
+`--prompt TEXT` gives the offline flow rows a voice prompt: the first training answer recorded
+with exactly that text (normal style), its stored tokens and its true mel (the streamed row takes
+no prompt).
 
 `--flow` / `--vocoder` load weights from a training checkpoint (`runs/decoder/checkpoints/last/
 model.safetensors`, `runs/vocoder/checkpoints/last/model.safetensors`) into the pipeline's
@@ -73,6 +77,26 @@ def _held_out_answers(recipe_dir: Path, count: int) -> list[tuple[str, Path, lis
     return answers
 
 
+def _prompt(recipe_dir: Path, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, mel) of the first training answer recorded with exactly `text`: a voice prompt for
+    the flow. Tokens past the mel's frames (the tokenizer pads the audio) are dropped."""
+    from decoder.flow import frames_for_tokens
+    from decoder.mel import mel_spectrogram
+    from voicelm.core.audio import DECODER_SAMPLE_RATE, load_audio
+
+    for line in (recipe_dir / "tokens" / "assistant.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["text"] == text and row.get("split") == "train" and row.get("style", "normal") == "normal":
+            audio = (recipe_dir / "tokens" / row["audio"]).resolve()
+            mel = mel_spectrogram(load_audio(audio, DECODER_SAMPLE_RATE, max_seconds=None).reshape(-1))
+            tokens = list(row["tokens"])
+            while tokens and frames_for_tokens(len(tokens)) > mel.shape[-1]:
+                tokens.pop()
+            return torch.tensor(tokens), mel
+    raise SystemExit(f"--prompt: no training answer of {recipe_dir}/tokens/assistant.jsonl has the text {text!r} "
+                     f"in the normal style; copy an answer's text from that file")
+
+
 def _streamed(decoder, tokens: list[int], **stream_options) -> torch.Tensor:
     """The waveform a session plays for these speech tokens: the pipeline's chunking (unless
     overridden), 26 tokens per push (the LM's speech run), offline-equal noise."""
@@ -94,6 +118,8 @@ def main() -> None:
     parser.add_argument("--flow", type=Path, help="flow weights from a decoder training checkpoint")
     parser.add_argument("--vocoder", type=Path, help="HiFT weights from a vocoder training checkpoint")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the decoder's)")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="flow rows: the recorded training answer with this text as voice prompt")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the decoder's)")
     parser.add_argument("--noise-scale", type=float, default=None, help="starting-noise scale (default: the decoder's)")
     parser.add_argument("--attention-window", type=int, default=None,
@@ -145,6 +171,7 @@ def main() -> None:
                                                     ("chunk_tokens", chunk_tokens)) if value is not None}
     pipeline_chunking = {"first_chunk_tokens": pipeline.first_chunk_tokens, "chunk_tokens": pipeline.chunk_tokens}
     answers = _held_out_answers(args.recipe_dir, args.count)
+    prompt_tokens, prompt_mel = _prompt(args.recipe_dir, args.prompt) if args.prompt else (None, None)
     heard: dict[str, list[str]] = {row: [] for row in rows}
     mel_l1: list[float] = []
     start = time.perf_counter()
@@ -153,7 +180,8 @@ def main() -> None:
             wav = load_audio(audio, rate, max_seconds=None).reshape(-1)
             true_mel = mel_spectrogram(wav)
             if {"flow-hift", "flow-gl"} & set(rows):
-                mel = decoder.decode_mel(torch.tensor(tokens), n_timesteps=args.steps)
+                mel = decoder.decode_mel(torch.tensor(tokens), n_timesteps=args.steps,
+                                         prompt_tokens=prompt_tokens, prompt_mel=prompt_mel)
                 frames = min(mel.shape[-1], true_mel.shape[-1])
                 mel_l1.append(float((mel[:, :frames] - true_mel[:, :frames]).abs().mean()))
             makers = {
@@ -171,7 +199,7 @@ def main() -> None:
     print(f"\n{len(answers)} held-out answers of {args.recipe_dir}; pipeline {args.pipeline}"
           f"{'; flow ' + str(args.flow) if args.flow else ''}{'; vocoder ' + str(args.vocoder) if args.vocoder else ''}; "
           f"{args.steps or decoder.flow.config.n_timesteps} Euler steps, guidance {decoder.flow.config.inference_cfg_rate}, "
-          f"noise scale {decoder.flow.config.noise_scale}, attention window {decoder.flow.config.attention_window}; stream {stream_options or 'defaults'}; "
+          f"noise scale {decoder.flow.config.noise_scale}, prompt {args.prompt!r}, attention window {decoder.flow.config.attention_window}; stream {stream_options or 'defaults'}; "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {time.perf_counter() - start:.0f} s")
     print("| path | Whisper base WER |\n|---|---|")
     for row in rows:
