@@ -423,13 +423,15 @@ class Recipe:
         return [dialogues, user, assistant, speech, *self._text_data()]
 
     def _text_data(self) -> list[Path]:
-        """`data.text` text-only training dialogues (no audio) for the LM's "text" task."""
+        """`data.text` text-only training dialogues (no audio) for the LM's "text" task, then
+        `data.follow_up_drills` chains of follow-ups in the same file."""
         from voicelm.data.dialogues import TEXT_DIALOGUES_NAME, write_text_dialogues
 
         count = int(self.cfg["data"].get("text") or 0)
         if count <= 0:
             return []
-        return [write_text_dialogues(self.data_dir / TEXT_DIALOGUES_NAME, count, self.cfg["seed"])]
+        return [write_text_dialogues(self.data_dir / TEXT_DIALOGUES_NAME, count, self.cfg["seed"],
+                                     follow_up_drills=int(self.cfg["data"].get("follow_up_drills") or 0))]
 
     def _train(self, stage: str, extra: list[str]) -> Path:
         from voicelm.train import compose_config, train

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from voicelm.core.manifest import read_manifest
-from voicelm.data.dialogue_text import (ADJECTIVES, DRILL_WORDS, OPERATIONS, generate_dialogues, heldout_repeat_pairs,
-                                        number_words, repeat_drills)
+from voicelm.data.dialogue_text import (ADJECTIVES, DRILL_WORDS, OPERATIONS, follow_up_drills, generate_dialogues,
+                                        heldout_repeat_pairs, number_words, repeat_drills)
 from voicelm.data.dialogues import (build_corpus, build_drill_corpus, build_voiced_corpus, plan_corpus, plan_drills,
                                     plan_voiced, write_text_dialogues)
 from voicelm.data.synth import SynthError
@@ -177,6 +177,37 @@ def test_repeat_drills_pair_any_words_but_never_a_heldout_pair():
     assert len(unseen_after_adjective) > len(drills) // 4
     with pytest.raises(ValueError, match="count must be >= 0"):
         list(repeat_drills(-1, seed=0))
+
+
+def test_follow_up_drills_chain_right_answers_on_the_last_result_and_hold_no_heldout_exchange(tmp_path):
+    drills = list(follow_up_drills(2000, seed=0))
+    assert drills == list(follow_up_drills(2000, seed=0)) and drills != list(follow_up_drills(2000, seed=1))
+    words = {number_words(n): n for n in range(1000)}
+    heldout = {(e.user, e.assistant) for _, ex in generate_dialogues(1000, "heldout", seed=0) for e in ex
+               if e.split == "heldout"}
+    follow_ups = three_digit = 0
+    for dialogue_id, exchanges in drills:
+        assert dialogue_id.startswith("fdrill-0-") and exchanges[0].task == "arithmetic"
+        assert 1 <= len(exchanges) - 1 <= 6 and all(e.task == "follow_up" for e in exchanges[1:])
+        result = None
+        for ex in exchanges:
+            assert ex.split == "train" and (ex.user, ex.assistant) not in heldout, ex
+            left, said = ex.assistant.rstrip(".").split(" is ")
+            (op,) = [op for op in OPERATIONS if f" {op} " in left]
+            a, b = left.split(f" {op} ")
+            assert OPERATIONS[op](words[a], words[b]) == words[said] and ex.answer == said
+            if result is not None:  # a follow-up works on the last result, which the question does not say
+                assert words[a] == result and ex.user.endswith(f" {op} {b}?")
+                follow_ups += 1
+                three_digit += result >= 100
+            result = words[said]
+    assert follow_ups > 3 * len(drills) and three_digit > follow_ups // 5  # the generator: 13 %
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        list(follow_up_drills(-1, seed=0))
+    path = write_text_dialogues(tmp_path / "text.jsonl", 10, seed=0, follow_up_drills=5)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in rows[10:]] == [f"text-{i}" for i, _ in follow_up_drills(5, seed=0)]
+    assert rows[:10] == [json.loads(line) for line in write_text_dialogues(tmp_path / "plain.jsonl", 10).read_text().splitlines()]
 
 
 def test_drill_corpus_plans_training_dialogues_and_renders(tmp_path):

@@ -68,6 +68,10 @@ def test_every_stage_done_with_wall_times(smoke):
     assert all(r["turns"][0]["text"].endswith(r["turns"][1]["text"]) for r in lm_rows[-2:])  # "...: the W1 W2."
     assert all(t["tokens"] and (out / "tokens" / t["audio"]).exists() for r in lm_rows for t in r["turns"])
     assert "lm_dialogues.jsonl" in (out / "runs" / "lm" / "config.yaml").read_text()
+    # Its text task reads the text dialogues, then the chains of follow-ups.
+    text_rows = [json.loads(line) for line in (out / "data" / "text_dialogues.jsonl").read_text().splitlines()]
+    assert len(text_rows) == 20 + 2 and all(r["id"].startswith("text-fdrill-") for r in text_rows[-2:])
+    assert f"text_manifest: {out / 'data' / 'text_dialogues.jsonl'}" in (out / "runs" / "lm" / "config.yaml").read_text()
     # The vocoder was fine-tuned on the trained flow's mels of the assistant turns, from the vocoder run.
     ft = (out / "runs" / "vocoder_ft" / "config.yaml").read_text()
     assert f"input_flow: {out / 'runs' / 'decoder' / 'export'}" in ft

@@ -12,7 +12,9 @@ training data makes learnable:
   with that particular question (the question is trained with other phrasings);
 - repeat-after-me phrases made of trained words in pairs that training never uses.
 `repeat_drills` adds training-only repeat-after-me exchanges of random word pairs, so that a
-model learns to repeat what it hears rather than the adjective-noun pairs it has heard before.
+model learns to repeat what it hears rather than the adjective-noun pairs it has heard before;
+`follow_up_drills` adds text-only chains of follow-ups, so that it sees the rare facts on
+three-digit results often enough to answer them.
 Everything is a pure function of the seed.
 """
 
@@ -207,6 +209,53 @@ def repeat_drills(count: int, seed: int) -> Iterator[tuple[str, list[Exchange]]]
         phrase = f"the {first} {second}"
         user = rng.choice(REPEAT_PHRASINGS).format(p=phrase)
         yield f"drill-{seed}-{index:06d}", [Exchange(user, f"{phrase}.", "repeat", answer=phrase)]
+
+
+def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6) -> Iterator[tuple[str, list[Exchange]]]:
+    """`count` text-only training dialogues that chain follow-ups: an arithmetic question, then 2 to
+    `max_follow_ups` follow-ups, each applied to the last result ("and minus seven?").
+
+    In the generator's own dialogues a follow-up comes after 35 % of the arithmetic answers and
+    at most twice, so a fact on a three-digit result ("two hundred forty minus seven is two hundred
+    thirty three") occurs about once in 200,000 text dialogues, and a small LM answers such
+    follow-ups by guessing: it applies the operation to the previous question's first number
+    instead of its result, or says a nearby number. Drills ask many of them, half of them after a
+    product (the source of the three-digit results), with the operands drawn like the
+    generator's. Nothing of the held-out split occurs: every exchange is asked with a phrasing
+    training uses for it, and a held-out order of a pair is never asked. Deterministic for
+    `seed`; ids are "fdrill-{seed}-NNNNNN"."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if max_follow_ups < 2:
+        raise ValueError(f"max_follow_ups must be >= 2, got {max_follow_ups}")
+    rng = random.Random(f"follow-up-drills:{seed}")
+    for index in range(count):
+        while True:
+            op = rng.choice(["times", "plus", "minus"]) if rng.random() < 0.5 else "times"
+            a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
+            if op == "minus" and a < b:
+                a, b = b, a
+            phrasings = [p for p in range(len(ARITHMETIC_PHRASINGS)) if arithmetic_split(a, op, b, p, seed) == "train"]
+            if phrasings:
+                break
+        p = rng.choice(phrasings)
+        answer, result = _arith_answer(a, op, b)
+        user = ARITHMETIC_PHRASINGS[p].format(a=number_words(a), op=op, b=number_words(b))
+        exchanges = [Exchange(user, answer, "arithmetic", answer=number_words(result))]
+        for _ in range(rng.randint(2, max_follow_ups)):
+            op2 = rng.choice(["plus", "minus"] + (["times"] if result <= 20 else []))
+            c = rng.randint(1 if op2 != "times" else 2, 10 if op2 != "times" else 5)
+            if op2 == "minus" and c > result:
+                op2 = "plus"
+            if OPERATIONS[op2](result, c) >= 1000:
+                break
+            phrasings = [p2 for p2 in range(len(FOLLOW_UP_PHRASINGS))
+                         if _phrasing_split("follow", f"{result}:{op2}:{c}", p2, len(FOLLOW_UP_PHRASINGS), seed) == "train"]
+            answer2, result2 = _arith_answer(result, op2, c)
+            user2 = FOLLOW_UP_PHRASINGS[rng.choice(phrasings)].format(op=op2, c=number_words(c))
+            exchanges.append(Exchange(user2, answer2, "follow_up", answer=number_words(result2)))
+            result = result2
+        yield f"fdrill-{seed}-{index:06d}", exchanges
 
 
 def generate_dialogues(count: int, split: str, seed: int) -> Iterator[tuple[str, list[Exchange]]]:

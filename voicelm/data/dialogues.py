@@ -16,7 +16,8 @@ Output directory:
     wavs/             the audio
     text_dialogues.jsonl  (with `--text N`) N training dialogues as text only, no audio: the LM's
                       text data (`solver.text_manifest`), which costs no rendering; held-out
-                      combinations never occur in it either
+                      combinations never occur in it either. `--follow-up-drills M` appends M
+                      chains of follow-ups (`dialogue_text.follow_up_drills`)
 Deterministic for a seed: same text, same voices, same audio bytes.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from voicelm.core.checkpoint import atomic_write_file
 from voicelm.core.manifest import read_manifest
+from voicelm.data.dialogue_text import follow_up_drills as follow_up_drills_of
 from voicelm.data.dialogue_text import generate_dialogues, repeat_drills
 from voicelm.data.synth import PIPER_VOICE, SynthError, SynthItem, Voice, sample_voice, synthesize_manifest
 
@@ -220,14 +223,18 @@ def _render_corpus(out_dir: Path, dialogues: list[dict], user_items: list[SynthI
     return atomic_write_file(out_dir / DIALOGUES_NAME, lambda tmp: Path(tmp).write_text(lines))
 
 
-def write_text_dialogues(path: str | Path, count: int, seed: int = 0) -> Path:
+def write_text_dialogues(path: str | Path, count: int, seed: int = 0, follow_up_drills: int = 0) -> Path:
     """`count` training-split dialogues as text only (the dialogue-manifest format, no audio or
     tokens), drawn from the same generator as the spoken corpus: the first ones are the spoken
-    corpus's own dialogues, the rest more of the same distribution. Written atomically."""
+    corpus's own dialogues, the rest more of the same distribution. Then `follow_up_drills` chains
+    of follow-ups (`dialogue_text.follow_up_drills`). Written atomically."""
     if count < 1:
         raise SynthError(f"ask for at least one text dialogue (text={count})")
+    if follow_up_drills < 0:
+        raise SynthError(f"follow_up_drills must be >= 0, got {follow_up_drills}")
     rows = []
-    for dialogue_id, exchanges in generate_dialogues(count, "train", seed):
+    dialogues = itertools.chain(generate_dialogues(count, "train", seed), follow_up_drills_of(follow_up_drills, seed))
+    for dialogue_id, exchanges in dialogues:
         turns = [turn for ex in exchanges for turn in _exchange_turns(ex)]
         rows.append({"id": f"text-{dialogue_id}", "split": "train", "turns": turns})
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -242,6 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--text", type=int, default=0, metavar="N",
                         help=f"also write {TEXT_DIALOGUES_NAME}: N text-only training dialogues (no audio)")
+    parser.add_argument("--follow-up-drills", type=int, default=0, metavar="N",
+                        help=f"with --text: N more text dialogues in {TEXT_DIALOGUES_NAME} that chain 2-6 follow-ups")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -250,8 +259,9 @@ def main(args: argparse.Namespace) -> int:
         path = build_corpus(args.out, train=args.train, heldout=args.heldout, seed=args.seed, jobs=args.jobs,
                             progress=sys.stderr.isatty())
         if args.text:
-            text_path = write_text_dialogues(Path(args.out) / TEXT_DIALOGUES_NAME, args.text, args.seed)
-            print(f"wrote {text_path}: {args.text} text-only dialogues")
+            text_path = write_text_dialogues(Path(args.out) / TEXT_DIALOGUES_NAME, args.text, args.seed,
+                                             follow_up_drills=args.follow_up_drills)
+            print(f"wrote {text_path}: {args.text + args.follow_up_drills} text-only dialogues")
     except (SynthError, ValueError) as exc:
         print(f"voicelm data dialogues: {exc}", file=sys.stderr)
         return 1
