@@ -220,3 +220,10 @@ def test_drill_corpus_plans_training_dialogues_and_renders(tmp_path):
     assert len(rows) == 2 and all((tmp_path / "drills" / t["audio"]).exists() for r in rows for t in r["turns"])
     with pytest.raises(SynthError, match="at least one repeat drill"):
         build_drill_corpus(tmp_path / "none", count=0)
+
+
+def test_follow_up_drills_without_text_dialogues_is_refused_before_rendering(tmp_path, capsys):
+    from voicelm.cli import main
+
+    assert main(["data", "dialogues", "--out", str(tmp_path / "c"), "--follow-up-drills", "5"]) == 2
+    assert "give --text N too" in capsys.readouterr().err and not (tmp_path / "c").exists()
