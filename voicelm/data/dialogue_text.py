@@ -116,6 +116,16 @@ def _arithmetic(rng: random.Random) -> tuple[int, str, int]:
     return a, op, b
 
 
+def _follow_up_step(rng: random.Random, result: int) -> tuple[str, int] | None:
+    """The operation and operand of a follow-up on `result` (times only on a result up to 20, no
+    negative result), or None when the answer would reach 1,000, which the domain cannot say."""
+    op = rng.choice(["plus", "minus"] + (["times"] if result <= 20 else []))
+    c = rng.randint(1 if op != "times" else 2, 10 if op != "times" else 5)
+    if op == "minus" and c > result:
+        op = "plus"
+    return None if OPERATIONS[op](result, c) >= 1000 else (op, c)
+
+
 def sample_dialogue(rng: random.Random, seed: int) -> tuple[list[Exchange], str]:
     """One dialogue of 1-3 exchanges and its split ("train" or "heldout").
 
@@ -133,12 +143,10 @@ def sample_dialogue(rng: random.Random, seed: int) -> tuple[list[Exchange], str]
         splits.append(arithmetic_split(a, op, b, p, seed))
         # Follow-ups keep the running result small enough to say.
         while rng.random() < 0.35 and len(exchanges) < 3:
-            op2 = rng.choice(["plus", "minus"] + (["times"] if result <= 20 else []))
-            c = rng.randint(1 if op2 != "times" else 2, 10 if op2 != "times" else 5)
-            if op2 == "minus" and c > result:
-                op2 = "plus"
-            if OPERATIONS[op2](result, c) >= 1000:
+            step = _follow_up_step(rng, result)
+            if step is None:
                 break
+            op2, c = step
             p2 = rng.randrange(len(FOLLOW_UP_PHRASINGS))
             answer2, result2 = _arith_answer(result, op2, c)
             user2 = FOLLOW_UP_PHRASINGS[p2].format(op=op2, c=number_words(c))
@@ -243,12 +251,10 @@ def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6) -> Iterator
         user = ARITHMETIC_PHRASINGS[p].format(a=number_words(a), op=op, b=number_words(b))
         exchanges = [Exchange(user, answer, "arithmetic", answer=number_words(result))]
         for _ in range(rng.randint(2, max_follow_ups)):
-            op2 = rng.choice(["plus", "minus"] + (["times"] if result <= 20 else []))
-            c = rng.randint(1 if op2 != "times" else 2, 10 if op2 != "times" else 5)
-            if op2 == "minus" and c > result:
-                op2 = "plus"
-            if OPERATIONS[op2](result, c) >= 1000:
+            step = _follow_up_step(rng, result)
+            if step is None:
                 break
+            op2, c = step
             phrasings = [p2 for p2 in range(len(FOLLOW_UP_PHRASINGS))
                          if _phrasing_split("follow", f"{result}:{op2}:{c}", p2, len(FOLLOW_UP_PHRASINGS), seed) == "train"]
             answer2, result2 = _arith_answer(result, op2, c)
