@@ -226,4 +226,6 @@ def test_follow_up_drills_without_text_dialogues_is_refused_before_rendering(tmp
     from voicelm.cli import main
 
     assert main(["data", "dialogues", "--out", str(tmp_path / "c"), "--follow-up-drills", "5"]) == 2
-    assert "give --text N too" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert "and --text N too" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert main(["data", "dialogues", "--out", str(tmp_path / "c"), "--text", "5", "--follow-up-drills", "-1"]) == 2
+    assert "give a count >= 0" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -255,8 +255,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    if args.follow_up_drills and not args.text:
-        print("voicelm data dialogues: --follow-up-drills adds to the text dialogues; give --text N too", file=sys.stderr)
+    if args.follow_up_drills < 0 or (args.follow_up_drills and not args.text):
+        print(f"voicelm data dialogues: --follow-up-drills {args.follow_up_drills}: give a count >= 0, and --text N "
+              "too (the drills are added to the text dialogues)", file=sys.stderr)
         return 2
     try:
         path = build_corpus(args.out, train=args.train, heldout=args.heldout, seed=args.seed, jobs=args.jobs,
