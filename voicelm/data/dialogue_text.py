@@ -108,8 +108,9 @@ def _phrasing_split(kind: str, key: str, phrasing: int, n_phrasings: int, seed: 
     return "heldout" if phrasing == chosen and _held_out(f"{kind}:{key}", seed) else "train"
 
 
-def _arithmetic(rng: random.Random) -> tuple[int, str, int]:
-    op = rng.choice(list(OPERATIONS))
+def _arithmetic(rng: random.Random, op: str | None = None) -> tuple[int, str, int]:
+    """Operands 0-20 of `op` (drawn when None), larger first for minus."""
+    op = rng.choice(list(OPERATIONS)) if op is None else op
     a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
     if op == "minus" and a < b:
         a, b = b, a  # answers stay non-negative
@@ -239,10 +240,7 @@ def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6) -> Iterator
     rng = random.Random(f"follow-up-drills:{seed}")
     for index in range(count):
         while True:
-            op = rng.choice(["times", "plus", "minus"]) if rng.random() < 0.5 else "times"
-            a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
-            if op == "minus" and a < b:
-                a, b = b, a
+            a, op, b = _arithmetic(rng, rng.choice(["times", "plus", "minus"]) if rng.random() < 0.5 else "times")
             phrasings = [p for p in range(len(ARITHMETIC_PHRASINGS)) if arithmetic_split(a, op, b, p, seed) == "train"]
             if phrasings:
                 break

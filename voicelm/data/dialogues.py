@@ -35,8 +35,7 @@ from pathlib import Path
 
 from voicelm.core.checkpoint import atomic_write_file
 from voicelm.core.manifest import read_manifest
-from voicelm.data.dialogue_text import follow_up_drills as follow_up_drills_of
-from voicelm.data.dialogue_text import generate_dialogues, repeat_drills
+from voicelm.data.dialogue_text import follow_up_drills as follow_up_drills_of, generate_dialogues, repeat_drills
 from voicelm.data.synth import PIPER_VOICE, SynthError, SynthItem, Voice, sample_voice, synthesize_manifest
 
 log = logging.getLogger(__name__)
