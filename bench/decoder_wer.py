@@ -4,7 +4,7 @@ through each half of the decoder, side by side, on the stored tokens of held-out
     .venv/bin/python bench/decoder_wer.py --pipeline runs/recipe-demo/shipped-candidate/demo-v3 \
         --recipe-dir runs/recipe-demo [--count 16] [--flow CKPT] [--vocoder CKPT] [--steps 10] [--cfg 0.7] \
         [--noise-scale 0.5] [--left-context 69] [--holdback 24] [--crossfade 24] [--first-chunk 10] [--chunk-tokens 20,40] \
-        [--rows streamed,flow-hift] [--prompt "ten plus eighteen is twenty eight."]
+        [--rows streamed,flow-hift] [--prompt "ten plus eighteen is twenty eight."] [--long]
 
 Rows (each scored with `normalized_wer` against the reference answer text, Whisper base judge):
   piper audio            the recorded assistant audio itself: the judge's own floor
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+LONG_WORDS = 8  # as voicelm.evaluate.LONG_ANSWER_WORDS
 ROWS = {"piper": "piper audio", "hift-true": "HiFT(true mel)", "gl-true": "Griffin-Lim(true mel)",
         "flow-hift": "flow -> HiFT", "flow-gl": "flow -> Griffin-Lim", "streamed": "streamed, as the pipeline"}
 
@@ -55,8 +56,10 @@ def _load_weights(decoder, flow: Path | None, vocoder: Path | None) -> None:
         decoder.vocoder.load_state_dict({k.removeprefix("vocoder."): v for k, v in state.items()})
 
 
-def _held_out_answers(recipe_dir: Path, count: int) -> list[tuple[str, Path, list[int]]]:
-    """(reference text, audio path, stored tokens) of the first `count` held-out assistant turns."""
+def _held_out_answers(recipe_dir: Path, count: int, long_only: bool = False) -> list[tuple[str, Path, list[int]]]:
+    """(reference text, audio path, stored tokens) of the first assistant turn of each of the first
+    `count` held-out dialogues; with `long_only`, of the first `count` held-out assistant turns whose
+    text has more than 8 words, from any turn (the eval's "long" answers: three-digit follow-ups)."""
     tokens = {}
     for line in (recipe_dir / "tokens" / "assistant.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -67,8 +70,12 @@ def _held_out_answers(recipe_dir: Path, count: int) -> list[tuple[str, Path, lis
         if row["split"] != "heldout":
             continue
         for turn in row["turns"]:
-            if turn["role"] == "assistant" and Path(turn["audio"]).name in tokens:
-                answers.append((turn["text"], recipe_dir / "data" / turn["audio"], tokens[Path(turn["audio"]).name]))
+            if turn["role"] != "assistant" or Path(turn["audio"]).name not in tokens:
+                continue
+            if long_only and len(turn["text"].split()) <= LONG_WORDS:
+                continue
+            answers.append((turn["text"], recipe_dir / "data" / turn["audio"], tokens[Path(turn["audio"]).name]))
+            if not long_only or len(answers) == count:
                 break
         if len(answers) == count:
             break
@@ -115,6 +122,8 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, required=True)
     parser.add_argument("--recipe-dir", type=Path, default=Path("runs/recipe-demo"))
     parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--long", action="store_true",
+                        help="score the held-out answers of more than 8 words (from any turn) instead of first answers")
     parser.add_argument("--flow", type=Path, help="flow weights from a decoder training checkpoint")
     parser.add_argument("--vocoder", type=Path, help="HiFT weights from a vocoder training checkpoint")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the decoder's)")
@@ -170,7 +179,7 @@ def main() -> None:
                                                     ("first_chunk_tokens", args.first_chunk),
                                                     ("chunk_tokens", chunk_tokens)) if value is not None}
     pipeline_chunking = {"first_chunk_tokens": pipeline.first_chunk_tokens, "chunk_tokens": pipeline.chunk_tokens}
-    answers = _held_out_answers(args.recipe_dir, args.count)
+    answers = _held_out_answers(args.recipe_dir, args.count, long_only=args.long)
     prompt_tokens, prompt_mel = _prompt(args.recipe_dir, args.prompt) if args.prompt else (None, None)
     heard: dict[str, list[str]] = {row: [] for row in rows}
     mel_l1: list[float] = []

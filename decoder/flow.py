@@ -60,6 +60,8 @@ SAMPLING_SETTINGS = {
     "n_timesteps": ("an integer >= 1", lambda v: _whole_number(v) and v >= 1),
     "inference_cfg_rate": ("a number >= 0", lambda v: _number(v) and v >= 0),
     "noise_scale": ("a number > 0", lambda v: _number(v) and v > 0),
+    "attention_window": ("null (the whole window) or an integer >= 1",
+                         lambda v: v is None or (_whole_number(v) and v >= 1)),
 }
 
 
@@ -104,7 +106,8 @@ class FlowConfig:
     noise_scale: float = 1.0
     # The estimator's self-attention reach: each frame attends to frames at most this many away
     # (null: the whole window). A streamed chunk's window is short (the first is 68 frames); with a
-    # local reach every frame sees the same neighbours streamed as offline.
+    # local reach every frame sees the same neighbours streamed as offline. Also a sampling setting:
+    # a flow trained on short crops can be given a reach near its crop length for long inputs.
     attention_window: int | None = None
     # training: probability that a batch uses the block-causal (streaming) encoder mask
     streaming_mask_prob: float = 0.5
@@ -119,9 +122,6 @@ class FlowConfig:
         for name, (what, ok) in SAMPLING_SETTINGS.items():
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {what} (got {getattr(self, name)!r})")
-        if self.attention_window is not None and not (_whole_number(self.attention_window) and self.attention_window >= 1):
-            raise ValueError(f"attention_window must be null (the whole window) or an integer >= 1 "
-                             f"(got {self.attention_window!r})")
         if self.t_scheduler not in ("cosine", "linear"):
             raise ValueError(f"t_scheduler must be 'cosine' or 'linear', got {self.t_scheduler!r}")
         if any(c % 8 for c in self.unet_channels):

@@ -253,3 +253,10 @@ def test_normalized_wer_reads_spoken_counts_and_operator_signs_as_said():
     assert normalized_wer(["zero, one, two."], ["012"]) == 0.0
     assert normalized_wer(["seventeen, eighteen, nineteen, twenty."], ["17181921."]) == 1.0
     assert normalized_wer(["one hundred twenty six"], ["1206"]) == 1.0
+    # a number Whisper split at a pause is the number those words make; other digit pairs stay apart
+    assert normalized_wer(["one hundred thirty six minus five is one hundred thirty one."],
+                          ["130 6 minus 5 is 131."]) == 0.0
+    assert normalized_wer(["three hundred four minus four is three hundred."], ["300 4 minus 4 is 300."]) == 0.0
+    assert normalized_wer(["thirteen, six"], ["13 6"]) == 0.0
+    assert normalized_wer(["twenty, twenty one"], ["20 21"]) == 0.0
+    assert normalized_wer(["twenty six"], ["20, 6"]) == 2.0  # a written pause keeps two numbers

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from decoder.flow import (FlowConfig, FlowInputError, FlowModel, frames_for_tokens, stream_noise,
-                          token_of_frames)
+                          token_of_frames, with_sampling)
 from voicelm.core.audio import MEL_FRAMES_PER_TOKEN
 from voicelm.core.checkpoint import config_from_dict
 from voicelm.core.presets import load_preset
@@ -190,3 +190,13 @@ def test_attention_window_limits_how_far_a_frame_sees():
         assert (not torch.allclose(near_out, far_out, atol=1e-6)) == changes, f"attention_window={window}"
     with pytest.raises(ValueError, match="attention_window must be null .* or an integer >= 1"):
         FlowConfig(attention_window=0)
+
+
+def test_attention_window_is_a_sampling_setting_of_a_trained_flow():
+    # a shipped flow trained on short crops gets a reach for long answers without new weights
+    trained = FlowConfig()
+    shipped = with_sampling(trained, {"attention_window": 100, "noise_scale": 0.5})
+    assert (shipped.attention_window, shipped.noise_scale) == (100, 0.5) and trained.attention_window is None
+    assert with_sampling(shipped, {"attention_window": None}).attention_window is None
+    with pytest.raises(ValueError, match=r"attention_window must be null \(the whole window\) or an integer >= 1 \(got 0\)"):
+        with_sampling(trained, {"attention_window": 0})

@@ -8,7 +8,9 @@ numbers, so the count "zero, one, two" stays three numbers ("0 1 2") while "twen
 
 `split_joined_numbers(heard, said)`: Whisper sometimes writes a quickly spoken count without
 separators ("17181920" for "seventeen, eighteen, nineteen, twenty"); a digit run that is exactly
-a run of the reference's numbers written together is split back into them before scoring.
+a run of the reference's numbers written together is split back into them before scoring. The
+other way round, a number Whisper split at a pause ("130 6" for "one hundred thirty six") is
+read as the one number those words make.
 
 Whisper's own `EnglishTextNormalizer` is not used for numbers: it joins a spoken count into one
 number ("seventeen, eighteen, nineteen" -> "171819") and reads "minus twelve" as "-12", while
@@ -60,6 +62,18 @@ def _read_number(words: Sequence[str], i: int) -> tuple[int, int] | None:
     return _below_hundred(words, i)
 
 
+def _one_number(first: str, second: str) -> str | None:
+    """The number two digit runs written apart make when read aloud as words, if they make one:
+    "130" "6" is "one hundred thirty six" (136) and "200" "34" is 234; "13" "6", "20" "21" and
+    runs with a leading zero ("012", a count said without pauses) stay apart."""
+    if first.startswith("0") or second.startswith("0"):
+        return None
+    a, b = int(first), int(second)
+    if (a in range(100, 1000, 100) and 1 <= b <= 99) or (a < 1000 and a % 10 == 0 and a % 100 >= 20 and 1 <= b <= 9):
+        return str(a + b)
+    return None
+
+
 @lru_cache(maxsize=1)
 def _spelling():
     from whisper.normalizers.english import EnglishSpellingNormalizer
@@ -77,7 +91,10 @@ def spoken_words(text: str) -> list[str]:
     i = 0
     while i < len(tokens):
         if tokens[i].isdigit():  # as written: "012" may be a count said without pauses
-            words.append(tokens[i])
+            if i > 0 and tokens[i - 1].isdigit() and (joined := _one_number(words[-1], tokens[i])) is not None:
+                words[-1] = joined  # "130 6": Whisper split "one hundred thirty six" at a pause
+            else:
+                words.append(tokens[i])
             i += 1
             continue
         number = None if tokens[i] in _MARKS else _read_number(tokens, i)
