@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-LONG_WORDS = 8  # as voicelm.evaluate.LONG_ANSWER_WORDS
 ROWS = {"piper": "piper audio", "hift-true": "HiFT(true mel)", "gl-true": "Griffin-Lim(true mel)",
         "flow-hift": "flow -> HiFT", "flow-gl": "flow -> Griffin-Lim", "streamed": "streamed, as the pipeline"}
 
@@ -60,6 +59,8 @@ def _held_out_answers(recipe_dir: Path, count: int, long_only: bool = False) -> 
     """(reference text, audio path, stored tokens) of the first assistant turn of each of the first
     `count` held-out dialogues; with `long_only`, of the first `count` held-out assistant turns whose
     text has more than 8 words, from any turn (the eval's "long" answers: three-digit follow-ups)."""
+    from voicelm.evaluate import LONG_ANSWER_WORDS
+
     tokens = {}
     for line in (recipe_dir / "tokens" / "assistant.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -72,7 +73,7 @@ def _held_out_answers(recipe_dir: Path, count: int, long_only: bool = False) -> 
         for turn in row["turns"]:
             if turn["role"] != "assistant" or Path(turn["audio"]).name not in tokens:
                 continue
-            if long_only and len(turn["text"].split()) <= LONG_WORDS:
+            if long_only and len(turn["text"].split()) <= LONG_ANSWER_WORDS:
                 continue
             answers.append((turn["text"], recipe_dir / "data" / turn["audio"], tokens[Path(turn["audio"]).name]))
             if not long_only or len(answers) == count:
