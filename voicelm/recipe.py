@@ -10,6 +10,7 @@ Stages, in order (each reads what the earlier ones wrote under `out_dir`):
                and `voiced.repeat_drills` repeat-after-me drills of random word pairs -> data/drills/,
                tokens/drills/; tokens/lm_dialogues.jsonl (spoken corpus + both; skipped when both are 0)
     decoder    solver=decoder (flow) on the assistant voice                -> runs/decoder/export
+               (with `voiced.decoder: true`, on the voiced stage's answers too: tokens/decoder_answers.jsonl)
     vocoder    solver=vocoder (HiFT) on the assistant voice                -> runs/vocoder/export
     vocoder_ft solver=vocoder again, from that vocoder, on the mels the trained flow samples from the
                assistant turns' tokens (targets: the true audio)          -> runs/vocoder_ft/export
@@ -129,6 +130,8 @@ def _validate(cfg: dict, path: Path) -> None:
         for key in ("min_answer_words", "repeat_drills"):
             if not isinstance(voiced.get(key, 0), int) or voiced.get(key, 0) < 0:
                 problems.append(f"voiced.{key} must be an integer >= 0 (got {voiced.get(key)!r})")
+        if not isinstance(voiced.get("decoder", False), bool):
+            problems.append(f"voiced.decoder must be true or false (got {voiced.get('decoder')!r})")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         problems.append(f"threads must be null or an integer >= 1 (got {threads!r})")
@@ -212,9 +215,13 @@ class Recipe:
     def stage_settings(self, stage: str) -> dict:
         """What a stage's result depends on in the config (a change is reported when it is skipped)."""
         c = self.cfg
-        section = {"data": c["data"], "tokenize": c["tokenize"], "voiced": c.get("voiced") or {},
+        voiced = dict(c.get("voiced") or {})
+        decoder_voiced = bool(voiced.pop("decoder", False))  # the decoder stage's setting, not the voiced stage's
+        section = {"data": c["data"], "tokenize": c["tokenize"], "voiced": voiced,
                    "export": c["pipeline"], "eval": c["eval"],
                    **{name: c["train"].get(name) for name in TRAIN_STAGES}}[stage]
+        if stage == "decoder" and decoder_voiced:
+            section = {"train": section, "voiced_answers": True}
         taken = self.taken(stage)
         if taken is not None:  # its weights come from a pipeline, not from training
             return {"seed": c["seed"], "settings": {"take": str(taken)}}
@@ -540,10 +547,36 @@ class Recipe:
     def stage_decoder(self) -> list[Path]:
         self.require("tokenize")
         manifest = self.tokens_dir / "assistant.jsonl"
+        outputs = []
+        if (self.cfg.get("voiced") or {}).get("decoder", False):
+            manifest = self._decoder_answers()
+            outputs.append(manifest)
         # The vocoder is trained after the flow model; the export stage joins them, so the flow
         # run's own export uses the labelled Griffin-Lim fallback.
-        return [self._train("decoder", [f"solver.train_manifest={manifest}", "solver.valid_split=heldout",
-                                        f"solver.mel_cache_dir={self.out / 'cache' / 'mel'}"])]
+        return [*outputs, self._train("decoder", [f"solver.train_manifest={manifest}", "solver.valid_split=heldout",
+                                                  f"solver.mel_cache_dir={self.out / 'cache' / 'mel'}"])]
+
+    def _decoder_answers(self) -> Path:
+        """tokens/decoder_answers.jsonl: the spoken corpus's assistant turns (its held-out split validates
+        the flow) + the voiced stage's distinct answers (voiced dialogues and drills; many long ones,
+        which the spoken corpus has few of), audio paths relative to tokens/."""
+        from voicelm.core.manifest import iter_jsonl
+
+        self.require("voiced")
+        lines = [line + "\n" for line in (self.tokens_dir / "assistant.jsonl").read_text().splitlines()]
+        added = 0
+        for name in ("voiced", "drills"):
+            answers = self.tokens_dir / name / "assistant.jsonl"
+            if not answers.is_file():  # that corpus is off (count 0)
+                continue
+            for _, row in iter_jsonl(answers):
+                row["audio"] = os.path.relpath(os.path.normpath(answers.parent / row["audio"]), self.tokens_dir)
+                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+                added += 1
+        log.info("stage decoder: %d assistant answers of the spoken corpus + %d of the voiced stage",
+                 len(lines) - added, added)
+        return atomic_write_file(self.tokens_dir / "decoder_answers.jsonl",
+                                 lambda tmp: Path(tmp).write_text("".join(lines)))
 
     def stage_vocoder(self) -> list[Path]:
         self.require("data")

@@ -72,6 +72,16 @@ def test_every_stage_done_with_wall_times(smoke):
     text_rows = [json.loads(line) for line in (out / "data" / "text_dialogues.jsonl").read_text().splitlines()]
     assert len(text_rows) == 20 + 2 and all(r["id"].startswith("text-fdrill-") for r in text_rows[-2:])
     assert f"text_manifest: {out / 'data' / 'text_dialogues.jsonl'}" in (out / "runs" / "lm" / "config.yaml").read_text()
+    # The flow trained on the spoken corpus's assistant turns plus the voiced stage's answers (voiced.decoder).
+    assistant = (out / "tokens" / "assistant.jsonl").read_text().splitlines()
+    answers = [json.loads(line) for line in (out / "tokens" / "decoder_answers.jsonl").read_text().splitlines()]
+    voiced = [json.loads(line) for name in ("voiced", "drills")
+              for line in (out / "tokens" / name / "assistant.jsonl").read_text().splitlines()]
+    assert answers[:len(assistant)] == [json.loads(line) for line in assistant]
+    assert len(voiced) >= 2 and len(answers) == len(assistant) + len(voiced)
+    assert [r["tokens"] for r in answers[len(assistant):]] == [r["tokens"] for r in voiced]
+    assert all((out / "tokens" / r["audio"]).is_file() for r in answers)
+    assert f"train_manifest: {out / 'tokens' / 'decoder_answers.jsonl'}" in (out / "runs" / "decoder" / "config.yaml").read_text()
     # The vocoder was fine-tuned on the trained flow's mels of the assistant turns, from the vocoder run.
     ft = (out / "runs" / "vocoder_ft" / "config.yaml").read_text()
     assert f"input_flow: {out / 'runs' / 'decoder' / 'export'}" in ft
@@ -222,6 +232,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         load_recipe_config("smoke", ["voiced.min_answer_words=-2"])
     with pytest.raises(RecipeError, match=r"voiced.repeat_drills must be an integer >= 0 \(got 'many'\)"):
         load_recipe_config("smoke", ["voiced.repeat_drills=many"])
+    with pytest.raises(RecipeError, match=r"voiced.decoder must be true or false \(got 'yes please'\)"):
+        load_recipe_config("smoke", ["voiced.decoder='yes please'"])
     with pytest.raises(RecipeError, match="unknown stage"):
         select_stages("data,tokeniser", None)
     with pytest.raises(RecipeError, match="unknown stage"):

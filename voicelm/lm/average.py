@@ -22,27 +22,16 @@ from typing import Sequence
 
 import torch
 
+from voicelm.core.averaging import (DTYPES, SAFETENSORS_DTYPES, AverageError, add_average_arguments,  # noqa: F401
+                                     normalised_weights, refuse_existing_out)
 from voicelm.lm.model import VoiceLM, _weight_files
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class AverageError(ValueError):
-    pass
 
 
 def average_lms(paths: Sequence[str | os.PathLike], weights: Sequence[float] | None = None) -> VoiceLM:
     """The weighted average (float32) of the LM parts in `paths`; weights are normalised to sum 1."""
-    if len(paths) < 2:
-        raise AverageError(f"averaging needs at least two checkpoints, got {len(paths)}")
-    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(paths):
-        raise AverageError(f"{len(weights)} weights for {len(paths)} checkpoints; give one weight per checkpoint")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise AverageError(f"weights must be non-negative with a positive sum, got {weights}")
-    total = sum(weights)
+    weights = normalised_weights(len(paths), weights)
     first = VoiceLM.from_pretrained(paths[0], dtype=torch.float32)
-    state = {k: v.clone() * (weights[0] / total) for k, v in first.model.state_dict().items()}
+    state = {k: v.clone() * weights[0] for k, v in first.model.state_dict().items()}
     for path, weight in zip(paths[1:], weights[1:]):
         other = VoiceLM.from_pretrained(path, dtype=torch.float32)
         if other.config != first.config:
@@ -52,7 +41,7 @@ def average_lms(paths: Sequence[str | os.PathLike], weights: Sequence[float] | N
             raise AverageError(f"{path}: its text tokenizer differs from {paths[0]}'s; average only fine-tunes of "
                                f"one model")
         for k, v in other.model.state_dict().items():
-            state[k] += v * (weight / total)
+            state[k] += v * weight
     first.model.load_state_dict(state)
     return first
 
@@ -63,25 +52,19 @@ def _stored_dtype(directory: str | os.PathLike) -> torch.dtype:
 
     with safe_open(str(_weight_files(Path(directory))[0]), framework="pt") as f:
         for key in f.keys():
-            dtype = f.get_slice(key).get_dtype()
-            if dtype in ("F16", "BF16", "F32"):
-                return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dtype]
+            dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
     return torch.float32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", help="LM part directories (config.json, model.safetensors)")
-    parser.add_argument("--out", required=True, help="where to write the averaged LM part (must not exist)")
-    parser.add_argument("--weights", nargs="+", type=float, default=None,
-                        help="one weight per checkpoint (normalised to sum 1; default: equal)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="dtype of the written weights (default: the first checkpoint's)")
+    add_average_arguments(parser, "LM part (config.json, model.safetensors)",
+                          "dtype of the written weights (default: the first checkpoint's)")
 
 
 def main(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists():
-        raise SystemExit(f"voicelm lm average: {out} already exists; choose a new --out directory")
+    out = refuse_existing_out("voicelm lm average", args.out)
     try:
         lm = average_lms(args.checkpoints, args.weights)
     except AverageError as exc:
