@@ -29,8 +29,8 @@ import torch
 from decoder.cli import resolve_checkpoint
 from decoder.flow import SAMPLING_SETTINGS
 from decoder.model import SpeechDecoder
-from voicelm.core.averaging import (DTYPES, SAFETENSORS_DTYPES, AverageError, add_average_arguments,  # noqa: F401
-                                     normalised_weights, refuse_existing_out)
+from voicelm.core.averaging import (DTYPES, AverageError, add_average_arguments, normalised_weights,  # noqa: F401
+                                     refuse_existing_out, stored_dtypes)
 from voicelm.core.checkpoint import WEIGHTS_NAME, CheckpointError
 
 
@@ -67,17 +67,9 @@ def average_decoders(paths: Sequence[str | os.PathLike], weights: Sequence[float
     return first
 
 
-def stored_dtypes(directory: str | os.PathLike) -> tuple[torch.dtype, torch.dtype]:
+def part_dtypes(directory: str | os.PathLike) -> tuple[torch.dtype, torch.dtype]:
     """The floating dtypes a decoder part stores its flow and its vocoder in (from the file header)."""
-    from safetensors import safe_open
-
-    found: dict[str, torch.dtype] = {}
-    with safe_open(str(resolve_checkpoint(directory) / WEIGHTS_NAME), framework="pt") as f:
-        for key in f.keys():
-            prefix = key.split(".", 1)[0]
-            dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-            if dtype is not None and prefix not in found:
-                found[prefix] = dtype
+    found = stored_dtypes(resolve_checkpoint(directory) / WEIGHTS_NAME)
     flow = found.get("flow", torch.float32)
     return flow, found.get("vocoder", flow)
 
@@ -95,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         decoder = average_decoders(args.checkpoints, args.weights)
     except AverageError as exc:
         raise SystemExit(f"voicelm decoder average: {exc}") from None
-    flow_dtype, vocoder_dtype = stored_dtypes(args.checkpoints[0])
+    flow_dtype, vocoder_dtype = part_dtypes(args.checkpoints[0])
     flow_dtype = DTYPES[args.dtype] if args.dtype else flow_dtype
     vocoder_dtype = DTYPES[args.vocoder_dtype] if args.vocoder_dtype else vocoder_dtype
     decoder.save_pretrained(out, dtype=flow_dtype, vocoder_dtype=vocoder_dtype)

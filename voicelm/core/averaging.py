@@ -32,6 +32,20 @@ def normalised_weights(count: int, weights: Sequence[float] | None) -> list[floa
     return [w / sum(weights) for w in weights]
 
 
+def stored_dtypes(weights_file: str | Path) -> dict[str, torch.dtype]:
+    """The floating dtype each top-level module of a safetensors file is stored in ({"flow": float16,
+    "vocoder": float32}), read from the header without loading the tensors."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.dtype] = {}
+    with safe_open(str(weights_file), framework="pt") as f:
+        for key in f.keys():
+            dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                found.setdefault(key.split(".", 1)[0], dtype)
+    return found
+
+
 def add_average_arguments(parser: argparse.ArgumentParser, part: str, dtype_help: str) -> None:
     parser.add_argument("checkpoints", nargs="+", help=f"{part} directories")
     parser.add_argument("--out", required=True, help=f"where to write the averaged {part} (must not exist)")

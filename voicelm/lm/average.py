@@ -22,8 +22,8 @@ from typing import Sequence
 
 import torch
 
-from voicelm.core.averaging import (DTYPES, SAFETENSORS_DTYPES, AverageError, add_average_arguments,  # noqa: F401
-                                     normalised_weights, refuse_existing_out)
+from voicelm.core.averaging import (DTYPES, AverageError, add_average_arguments, normalised_weights,  # noqa: F401
+                                     refuse_existing_out, stored_dtypes)
 from voicelm.lm.model import VoiceLM, _weight_files
 
 
@@ -48,14 +48,7 @@ def average_lms(paths: Sequence[str | os.PathLike], weights: Sequence[float] | N
 
 def _stored_dtype(directory: str | os.PathLike) -> torch.dtype:
     """The floating dtype a part's weights are stored in (read from the file header)."""
-    from safetensors import safe_open
-
-    with safe_open(str(_weight_files(Path(directory))[0]), framework="pt") as f:
-        for key in f.keys():
-            dtype = SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-            if dtype is not None:
-                return dtype
-    return torch.float32
+    return next(iter(stored_dtypes(_weight_files(Path(directory))[0]).values()), torch.float32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
