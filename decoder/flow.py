@@ -62,6 +62,9 @@ SAMPLING_SETTINGS = {
     "noise_scale": ("a number > 0", lambda v: _number(v) and v > 0),
     "attention_window": ("null (the whole window) or an integer >= 1",
                          lambda v: v is None or (_whole_number(v) and v >= 1)),
+    # the starting noise's seed (`stream_noise`): another draw of the same sampler, e.g. to see how
+    # much of a score difference between two flows is the draw (`voicelm eval --decoder-noise-seed`)
+    "noise_seed": ("an integer >= 0", lambda v: _whole_number(v) and v >= 0),
 }
 
 

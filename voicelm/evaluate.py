@@ -363,7 +363,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report['num_dialogues']} dialogues ({report['num_exchanges']} exchanges) of split "
         f"`{report['split']}` from `{report['manifest']}`; judge Whisper {report['judge']}; "
-        f"temperature {report['sampling']['temperature']}, seed {report['sampling']['seed']}.",
+        f"temperature {report['sampling']['temperature']}, seed {report['sampling']['seed']}"
+        + (f", decoder noise seed {report['sampling']['decoder_noise_seed']}"
+           if report["sampling"].get("decoder_noise_seed") is not None else "") + ".",
         "",
         "| metric | value |",
         "|---|---|",
@@ -417,13 +419,16 @@ def evaluate_pipeline(
     round_trip: bool = True,
     warmup: bool = True,
     progress: Callable[[str], None] | None = None,
+    decoder_noise_seed: int | None = None,
 ) -> dict:
     """Score a pipeline (a directory, or an already loaded `Pipeline`) on the dialogues of `split`
     in `dialogues_manifest`; write `report.json` and `report.md` under `out_dir`; return the report.
 
     Every input is checked before any model is loaded. `warmup` runs one unscored turn first, so
     one-time costs (lazy initialisation, first-call allocations) stay out of the latency figures.
-    `progress`, if given, is called with one line per dialogue.
+    `progress`, if given, is called with one line per dialogue. `decoder_noise_seed` replaces the
+    flow's starting-noise seed (default: the pipeline's own): the same model's speech under another
+    draw, which shows how much of a WER difference between two decoders is the draw.
     """
     from voicelm.core.audio import SAMPLE_RATE, AudioError, load_audio
     from voicelm.pipeline import Pipeline, load_pipeline
@@ -437,8 +442,17 @@ def evaluate_pipeline(
     if not 0 <= temperature:
         raise EvaluationError(f"temperature must be >= 0, got {temperature}")
     _check_judge(judge)
+    if decoder_noise_seed is not None and (isinstance(decoder_noise_seed, bool) or not isinstance(decoder_noise_seed, int)
+                                           or decoder_noise_seed < 0):
+        raise EvaluationError(f"decoder_noise_seed must be an integer >= 0 (or None for the pipeline's own), "
+                              f"got {decoder_noise_seed!r}")
     dialogues = read_dialogues(dialogues_manifest, split, limit)
     pipeline = pipeline_dir if isinstance(pipeline_dir, Pipeline) else load_pipeline(pipeline_dir)
+    if decoder_noise_seed is not None:
+        from decoder.flow import with_sampling
+
+        flow = pipeline.decoder.flow
+        flow.config = with_sampling(flow.config, {"noise_seed": decoder_noise_seed})
     from voicelm.core.whisper_weights import load_whisper
 
     judge_model = load_whisper(judge)
@@ -501,7 +515,7 @@ def evaluate_pipeline(
                      "random_weights": info["random_weights"]},
         "manifest": str(_manifest_path(dialogues_manifest)),
         "split": split, "limit": limit, "judge": judge, "round_trip": round_trip, "warmup": warmup,
-        "sampling": {**options, "seed": seed},
+        "sampling": {**options, "seed": seed, "decoder_noise_seed": int(pipeline.decoder.flow.config.noise_seed)},
         "num_dialogues": len(dialogues), "num_exchanges": len(rows),
         **summarize(rows),
         "wall_seconds": time.perf_counter() - start,
@@ -537,6 +551,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decoder-noise-seed", type=int, default=None,
+                        help="the flow's starting-noise seed (default: the pipeline's own); another seed is "
+                             "another draw of the same speech, to tell a real WER difference from the draw")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the tokenizer round trip (faster)")
     parser.add_argument("--no-warmup", action="store_true", help="do not run an unscored warm-up turn first")
 
@@ -551,7 +568,8 @@ def main(args: argparse.Namespace) -> int:
         report = evaluate_pipeline(
             args.pipeline, args.manifest, out, split=args.split, limit=args.limit, judge=args.judge,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-            round_trip=not args.no_round_trip, warmup=not args.no_warmup, progress=lambda line: print(line, file=sys.stderr, flush=True))
+            round_trip=not args.no_round_trip, warmup=not args.no_warmup, decoder_noise_seed=args.decoder_noise_seed,
+            progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (EvaluationError, CheckpointError, AudioError, WhisperWeightsError) as exc:
         print(f"voicelm eval: {exc}", file=sys.stderr)
         return 1

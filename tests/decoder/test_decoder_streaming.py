@@ -61,6 +61,26 @@ def test_streamed_mel_matches_offline_within_stated_tolerance(decoder):
     assert (worse - offline).abs().mean() > diff.abs().mean()
 
 
+def test_noise_seed_draws_other_speech_the_same_way_streamed_and_offline(decoder):
+    from decoder.flow import with_sampling
+
+    ids = tokens(77)
+    config = decoder.flow.config
+    try:
+        first = decoder.decode_mel(ids)
+        assert torch.equal(decoder.decode_mel(ids), first)  # one seed, one draw
+        decoder.flow.config = with_sampling(config, {"noise_seed": config.noise_seed + 1})
+        other = decoder.decode_mel(ids)
+        assert other.shape == first.shape and not torch.allclose(other, first)
+        stream = StreamingDecoder(decoder, vocode=False)
+        streamed = torch.cat(stream.push(ids) + stream.finish(), dim=1)
+        assert (streamed - other).norm() / other.norm() < STREAM_MEL_REL_L2
+        with pytest.raises(ValueError, match=r"noise_seed must be an integer >= 0"):
+            with_sampling(config, {"noise_seed": -1})
+    finally:
+        decoder.flow.config = config
+
+
 def test_noise_scale_is_a_sampling_temperature_and_streams_like_offline(decoder):
     ids = tokens(77)
     config = decoder.flow.config

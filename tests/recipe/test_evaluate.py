@@ -101,6 +101,10 @@ def test_bad_options_fail_before_any_model_loads(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(EvaluationError, match="is a file"):
         evaluate_pipeline(tmp_path, tmp_path / "x.jsonl", tmp_path / "file")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(EvaluationError, match=r"decoder_noise_seed must be an integer >= 0"):
+            evaluate_pipeline(tmp_path, tmp_path / "x.jsonl", tmp_path / "out", decoder_noise_seed=bad)
+    assert not (tmp_path / "out").exists()
 
 
 def test_summary_of_hand_made_rows():
@@ -192,7 +196,7 @@ def evaluated(tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["eval", str(root / "pipeline"), str(manifest), "--out", str(out), "--judge", "tiny.en",
-                     "--max-new-tokens", "40"])
+                     "--max-new-tokens", "40", "--decoder-noise-seed", "7"])
     assert code == 0
     return json.loads((out / REPORT_JSON).read_text()), stdout.getvalue(), out
 
@@ -203,6 +207,8 @@ def test_report_has_every_field(evaluated):
                 "accuracy", "wer", "round_trip_wer", "latency", "rtf", "wall_seconds", "machine", "dialogues"):
         assert key in report, key
     assert report["num_dialogues"] == 2 and report["split"] == "heldout"
+    # the speech was sampled with the starting-noise seed asked for, and the report says so
+    assert report["sampling"]["decoder_noise_seed"] == 7
     assert report["pipeline"]["random_weights"] is True
     rows = [r for d in report["dialogues"] for r in d["exchanges"]]
     assert len(rows) == report["num_exchanges"] >= 2
@@ -214,6 +220,7 @@ def test_report_has_every_field(evaluated):
     # the table went to stdout and to report.md
     table = (out / REPORT_MD).read_text()
     assert "answer accuracy, held-out exchanges" in table and "first-audio latency" in table
+    assert "decoder noise seed 7" in table
     assert table.strip() in stdout
     assert not [p.name for p in out.iterdir() if p.name not in (REPORT_JSON, REPORT_MD)]  # no temp files left
 
