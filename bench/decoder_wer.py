@@ -3,7 +3,7 @@ through each half of the decoder, side by side, on the stored tokens of held-out
 
     .venv/bin/python bench/decoder_wer.py --pipeline runs/recipe-demo/shipped-candidate/demo-v3 \
         --recipe-dir runs/recipe-demo [--count 16] [--flow CKPT] [--vocoder CKPT] [--steps 10] [--cfg 0.7] \
-        [--noise-scale 0.5] [--left-context 69] [--holdback 24] [--crossfade 24] [--first-chunk 10] [--chunk-tokens 20,40] \
+        [--noise-scale 0.5] [--noise-seed 42] [--left-context 69] [--holdback 24] [--crossfade 24] [--first-chunk 10] [--chunk-tokens 20,40] \
         [--rows streamed,flow-hift] [--prompt "ten plus eighteen is twenty eight."] [--long]
 
 Rows (each scored with `normalized_wer` against the reference answer text, Whisper base judge):
@@ -132,6 +132,8 @@ def main() -> None:
                         help="flow rows: the recorded training answer with this text as voice prompt")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the decoder's)")
     parser.add_argument("--noise-scale", type=float, default=None, help="starting-noise scale (default: the decoder's)")
+    parser.add_argument("--noise-seed", type=int, default=None,
+                        help="starting-noise seed (default: the decoder's): another draw of the same decoder")
     parser.add_argument("--attention-window", type=int, default=None,
                         help="the flow estimator's attention reach in frames (default: the decoder's)")
     parser.add_argument("--left-context", type=int, default=None,
@@ -170,6 +172,8 @@ def main() -> None:
         decoder.flow.config.noise_scale = args.noise_scale
     if args.attention_window is not None:
         decoder.flow.config.attention_window = args.attention_window
+    if args.noise_seed is not None:
+        decoder.flow.config.noise_seed = args.noise_seed
     griffin_lim = GriffinLimVocoder()
     judge = load_whisper("base")
     rate = DECODER_SAMPLE_RATE
@@ -209,7 +213,7 @@ def main() -> None:
     print(f"\n{len(answers)} held-out answers of {args.recipe_dir}; pipeline {args.pipeline}"
           f"{'; flow ' + str(args.flow) if args.flow else ''}{'; vocoder ' + str(args.vocoder) if args.vocoder else ''}; "
           f"{args.steps or decoder.flow.config.n_timesteps} Euler steps, guidance {decoder.flow.config.inference_cfg_rate}, "
-          f"noise scale {decoder.flow.config.noise_scale}, prompt {args.prompt!r}, attention window {decoder.flow.config.attention_window}; stream {stream_options or 'defaults'}; "
+          f"noise scale {decoder.flow.config.noise_scale} (seed {decoder.flow.config.noise_seed}), prompt {args.prompt!r}, attention window {decoder.flow.config.attention_window}; stream {stream_options or 'defaults'}; "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s), {time.perf_counter() - start:.0f} s")
     print("| path | Whisper base WER |\n|---|---|")
     for row in rows:
