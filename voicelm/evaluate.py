@@ -448,83 +448,87 @@ def evaluate_pipeline(
                               f"got {decoder_noise_seed!r}")
     dialogues = read_dialogues(dialogues_manifest, split, limit)
     pipeline = pipeline_dir if isinstance(pipeline_dir, Pipeline) else load_pipeline(pipeline_dir)
+    from decoder.flow import with_sampling
+
+    flow = pipeline.decoder.flow
+    own_config = flow.config  # a Pipeline passed in gets its own seed back afterwards
     if decoder_noise_seed is not None:
-        from decoder.flow import with_sampling
+        flow.config = with_sampling(own_config, {"noise_seed": decoder_noise_seed})
+    try:
+        from voicelm.core.whisper_weights import load_whisper
 
-        flow = pipeline.decoder.flow
-        flow.config = with_sampling(flow.config, {"noise_seed": decoder_noise_seed})
-    from voicelm.core.whisper_weights import load_whisper
+        judge_model = load_whisper(judge)
+        options = {"temperature": float(temperature), "max_new_tokens": int(max_new_tokens)}
 
-    judge_model = load_whisper(judge)
-    options = {"temperature": float(temperature), "max_new_tokens": int(max_new_tokens)}
-
-    if warmup:
-        _run_exchange(pipeline.session(options=options, seed=seed), dialogues[0].exchanges[0], options)
-        if round_trip:
-            _round_trip(pipeline, judge_model, load_audio(dialogues[0].exchanges[0].user_audio, SAMPLE_RATE))
-
-    report_dialogues, rows = [], []
-    for number, dialogue in enumerate(dialogues, start=1):
-        session = pipeline.session(options=options, seed=seed)
-        dialogue_rows = []
-        for exchange in dialogue.exchanges:
-            try:
-                turn = _run_exchange(session, exchange, options)
-            except (AudioError, ValueError) as exc:  # a clip the session refuses: scored wrong, reported
-                turn = {"text": "", "audio": np.zeros(0, np.float32), "end": None, "user_seconds": 0.0,
-                        "errors": [f"bad_input: {exc}"]}
-            end = turn["end"]
-            spoken = _transcribe(judge_model, turn["audio"], pipeline.sample_rate)
-            row = {
-                "dialogue": dialogue.id, "exchange": exchange.index, "task": exchange.task,
-                "heldout": exchange.heldout, "user_text": exchange.user_text, "reference": exchange.assistant_text,
-                "answer": exchange.answer, "text": turn["text"],
-                "correct": answer_correct(exchange.answer, turn["text"], reference=exchange.assistant_text),
-                "spoken_transcript": spoken,
-                "reason": end.reason if end else None,
-                "timings": dict(end.timings) if end else {},
-                "audio_seconds": float(end.audio_seconds) if end else 0.0,
-                "num_text_tokens": end.num_text_tokens if end else 0,
-                "num_speech_tokens": end.num_speech_tokens if end else 0,
-                "user_seconds": turn["user_seconds"], "errors": turn["errors"], "round_trip": None,
-            }
+        if warmup:
+            _run_exchange(pipeline.session(options=options, seed=seed), dialogues[0].exchanges[0], options)
             if round_trip:
-                user_transcript, user_tokens = _round_trip(pipeline, judge_model,
-                                                           load_audio(exchange.user_audio, SAMPLE_RATE))
-                assistant_transcript = source_transcript = None
-                if exchange.assistant_audio is not None:
-                    assistant = load_audio(exchange.assistant_audio, SAMPLE_RATE)
-                    assistant_transcript, _ = _round_trip(pipeline, judge_model, assistant)
-                    # the judge on the recording itself: the floor of the round-trip figure
-                    source_transcript = _transcribe(judge_model, assistant.reshape(-1).numpy(), SAMPLE_RATE)
-                row["round_trip"] = {"user_transcript": user_transcript, "user_tokens": user_tokens,
-                                     "assistant_transcript": assistant_transcript,
-                                     "assistant_source_transcript": source_transcript}
-            dialogue_rows.append(row)
-        rows.extend(dialogue_rows)
-        report_dialogues.append({"id": dialogue.id, "split": dialogue.split, "speaker": dialogue.speaker,
-                                 "exchanges": dialogue_rows})
-        if progress is not None:
-            right = sum(r["correct"] for r in dialogue_rows)
-            progress(f"[{number}/{len(dialogues)}] {dialogue.id}: {right}/{len(dialogue_rows)} answers right")
+                _round_trip(pipeline, judge_model, load_audio(dialogues[0].exchanges[0].user_audio, SAMPLE_RATE))
 
-    info = pipeline.info()
-    report = {
-        "version": REPORT_VERSION,
-        "pipeline": {"name": info["name"], "directory": info["directory"], "description": info["description"],
-                     "random_weights": info["random_weights"]},
-        "manifest": str(_manifest_path(dialogues_manifest)),
-        "split": split, "limit": limit, "judge": judge, "round_trip": round_trip, "warmup": warmup,
-        "sampling": {**options, "seed": seed, "decoder_noise_seed": int(pipeline.decoder.flow.config.noise_seed)},
-        "num_dialogues": len(dialogues), "num_exchanges": len(rows),
-        **summarize(rows),
-        "wall_seconds": time.perf_counter() - start,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version()},
-        "dialogues": report_dialogues,
-    }
-    write_report(report, out_dir)
-    return report
+        report_dialogues, rows = [], []
+        for number, dialogue in enumerate(dialogues, start=1):
+            session = pipeline.session(options=options, seed=seed)
+            dialogue_rows = []
+            for exchange in dialogue.exchanges:
+                try:
+                    turn = _run_exchange(session, exchange, options)
+                except (AudioError, ValueError) as exc:  # a clip the session refuses: scored wrong, reported
+                    turn = {"text": "", "audio": np.zeros(0, np.float32), "end": None, "user_seconds": 0.0,
+                            "errors": [f"bad_input: {exc}"]}
+                end = turn["end"]
+                spoken = _transcribe(judge_model, turn["audio"], pipeline.sample_rate)
+                row = {
+                    "dialogue": dialogue.id, "exchange": exchange.index, "task": exchange.task,
+                    "heldout": exchange.heldout, "user_text": exchange.user_text, "reference": exchange.assistant_text,
+                    "answer": exchange.answer, "text": turn["text"],
+                    "correct": answer_correct(exchange.answer, turn["text"], reference=exchange.assistant_text),
+                    "spoken_transcript": spoken,
+                    "reason": end.reason if end else None,
+                    "timings": dict(end.timings) if end else {},
+                    "audio_seconds": float(end.audio_seconds) if end else 0.0,
+                    "num_text_tokens": end.num_text_tokens if end else 0,
+                    "num_speech_tokens": end.num_speech_tokens if end else 0,
+                    "user_seconds": turn["user_seconds"], "errors": turn["errors"], "round_trip": None,
+                }
+                if round_trip:
+                    user_transcript, user_tokens = _round_trip(pipeline, judge_model,
+                                                               load_audio(exchange.user_audio, SAMPLE_RATE))
+                    assistant_transcript = source_transcript = None
+                    if exchange.assistant_audio is not None:
+                        assistant = load_audio(exchange.assistant_audio, SAMPLE_RATE)
+                        assistant_transcript, _ = _round_trip(pipeline, judge_model, assistant)
+                        # the judge on the recording itself: the floor of the round-trip figure
+                        source_transcript = _transcribe(judge_model, assistant.reshape(-1).numpy(), SAMPLE_RATE)
+                    row["round_trip"] = {"user_transcript": user_transcript, "user_tokens": user_tokens,
+                                         "assistant_transcript": assistant_transcript,
+                                         "assistant_source_transcript": source_transcript}
+                dialogue_rows.append(row)
+            rows.extend(dialogue_rows)
+            report_dialogues.append({"id": dialogue.id, "split": dialogue.split, "speaker": dialogue.speaker,
+                                     "exchanges": dialogue_rows})
+            if progress is not None:
+                right = sum(r["correct"] for r in dialogue_rows)
+                progress(f"[{number}/{len(dialogues)}] {dialogue.id}: {right}/{len(dialogue_rows)} answers right")
+
+        info = pipeline.info()
+        report = {
+            "version": REPORT_VERSION,
+            "pipeline": {"name": info["name"], "directory": info["directory"], "description": info["description"],
+                         "random_weights": info["random_weights"]},
+            "manifest": str(_manifest_path(dialogues_manifest)),
+            "split": split, "limit": limit, "judge": judge, "round_trip": round_trip, "warmup": warmup,
+            "sampling": {**options, "seed": seed, "decoder_noise_seed": int(pipeline.decoder.flow.config.noise_seed)},
+            "num_dialogues": len(dialogues), "num_exchanges": len(rows),
+            **summarize(rows),
+            "wall_seconds": time.perf_counter() - start,
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "python": platform.python_version()},
+            "dialogues": report_dialogues,
+        }
+        write_report(report, out_dir)
+        return report
+    finally:
+        flow.config = own_config
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:

@@ -254,3 +254,16 @@ def test_word_errors_are_finite_and_timings_positive(evaluated):
     assert latency["turns_with_audio"] == report["num_exchanges"]
     assert 0 < latency["first_audio_p50"] <= latency["first_audio_p90"]
     assert report["rtf"]["total"] > 0 and report["rtf"]["audio_seconds"] > 0
+
+
+def test_a_loaded_pipeline_gets_its_own_noise_seed_back(evaluated, tmp_path):
+    from voicelm.pipeline import load_pipeline
+
+    _, _, out = evaluated
+    root = out.parent
+    pipeline = load_pipeline(root / "pipeline")
+    own = pipeline.decoder.flow.config.noise_seed
+    report = evaluate_pipeline(pipeline, root / "corpus", tmp_path / "again", judge="tiny.en", limit=1,
+                               max_new_tokens=20, round_trip=False, warmup=False, decoder_noise_seed=own + 3)
+    assert report["sampling"]["decoder_noise_seed"] == own + 3
+    assert pipeline.decoder.flow.config.noise_seed == own  # the caller's pipeline is left as it was
