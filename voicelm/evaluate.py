@@ -223,13 +223,15 @@ def _transcribe(judge, samples: np.ndarray, sample_rate: int) -> str:
 
 def _run_exchange(session, exchange: EvalExchange, options: dict) -> dict[str, Any]:
     from voicelm.core.audio import SAMPLE_RATE, load_audio
-    from voicelm.events import AudioChunk, Error, TextDelta, TurnEnd
+    from voicelm.events import AudioChunk, Error, SpeechTokens, TextDelta, TurnEnd
 
     wav = load_audio(exchange.user_audio, SAMPLE_RATE)
-    text, chunks, errors, end = [], [], [], None
+    text, codes, chunks, errors, end = [], [], [], [], None
     for event in session.respond(audio=wav.numpy(), sample_rate=SAMPLE_RATE, options=options):
         if isinstance(event, TextDelta):
             text.append(event.text)
+        elif isinstance(event, SpeechTokens):
+            codes.extend(int(c) for c in event.tokens)
         elif isinstance(event, AudioChunk):
             chunks.append(event.samples)
         elif isinstance(event, Error):
@@ -237,8 +239,50 @@ def _run_exchange(session, exchange: EvalExchange, options: dict) -> dict[str, A
         elif isinstance(event, TurnEnd):
             end = event
     audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    return {"text": "".join(text), "audio": audio, "end": end, "errors": errors,
+    return {"text": "".join(text), "speech_codes": codes, "audio": audio, "end": end, "errors": errors,
             "user_seconds": wav.numel() / SAMPLE_RATE}
+
+
+def _replay_exchange(pipeline, recorded: dict) -> dict[str, Any]:
+    """Speak an answer recorded in an earlier report again: its speech codes through this pipeline's
+    decoder exactly as a session streams them (one code per push, then the end). The text and the
+    rest of the row stay the recorded ones; nothing here is timed."""
+    codes = [int(code) for code in recorded["speech_codes"]]
+    stream = pipeline.new_audio_stream()
+    stream.reset()
+    chunks = [chunk for code in codes for chunk in stream.push([code])] + list(stream.finish())
+    audio = np.concatenate([np.asarray(c, np.float32).reshape(-1) for c in chunks]) if chunks \
+        else np.zeros(0, np.float32)
+    return {"text": recorded["text"], "speech_codes": codes, "audio": audio, "errors": list(recorded["errors"]),
+            "user_seconds": recorded["user_seconds"], "reason": recorded["reason"],
+            "num_text_tokens": recorded["num_text_tokens"]}
+
+
+def read_recorded_answers(report_path: str | os.PathLike, dialogues: Sequence["EvalDialogue"]) -> dict:
+    """The LM's answers of an earlier report (`report.json`, or its directory), keyed by (dialogue id,
+    exchange index), checked to cover every exchange of `dialogues` with the same user words."""
+    path = Path(report_path)
+    if path.is_dir():
+        path = path / REPORT_JSON
+    if not path.is_file():
+        raise EvaluationError(f"earlier report {path} not found: pass the {REPORT_JSON} (or the directory) "
+                              f"that `voicelm eval` wrote")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        rows = {(d["id"], r["exchange"]): r for d in report["dialogues"] for r in d["exchanges"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise EvaluationError(f"{path} is not a report of `voicelm eval` ({type(exc).__name__}: {exc})") from None
+    for dialogue in dialogues:
+        for exchange in dialogue.exchanges:
+            row = rows.get((dialogue.id, exchange.index))
+            if row is None or row.get("user_text") != exchange.user_text:
+                raise EvaluationError(f"{path} has no answer to exchange {exchange.index} of dialogue {dialogue.id} "
+                                      f"({exchange.user_text!r}): it scored another manifest, split or --limit; "
+                                      f"replay a report of the same dialogues")
+            if "speech_codes" not in row:
+                raise EvaluationError(f"{path} holds no speech codes (written before voicelm recorded them): "
+                                      f"run `voicelm eval` again without --lm-answers-from to record them")
+    return rows
 
 
 def _round_trip(pipeline, judge, wav) -> tuple[str, int]:
@@ -297,8 +341,9 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     """The report's numbers from the per-exchange rows (pure: tests call it on hand-made rows)."""
     first_audio = [r["timings"]["first_audio"] for r in rows if "first_audio" in r["timings"]]
     first_text = [r["timings"]["first_text"] for r in rows if "first_text" in r["timings"]]
-    audio_seconds = sum(r["audio_seconds"] for r in rows)
-    compute = {key: sum(r["timings"].get(key, 0.0) for r in rows) for key in ("total", "lm", "decoder")}
+    timed = [r for r in rows if "total" in r["timings"]]  # replayed answers (lm_answers_from) are not timed
+    audio_seconds = sum(r["audio_seconds"] for r in timed)
+    compute = {key: sum(r["timings"].get(key, 0.0) for r in timed) for key in ("total", "lm", "decoder")}
     with_round_trip = [r for r in rows if r.get("round_trip") is not None]
     long_rows = [r for r in rows if len(r["reference"].split()) > LONG_ANSWER_WORDS]
     other_rows = [r for r in rows if len(r["reference"].split()) <= LONG_ANSWER_WORDS]
@@ -365,7 +410,9 @@ def render_markdown(report: dict) -> str:
         f"`{report['split']}` from `{report['manifest']}`; judge Whisper {report['judge']}; "
         f"temperature {report['sampling']['temperature']}, seed {report['sampling']['seed']}"
         + (f", decoder noise seed {report['sampling']['decoder_noise_seed']}"
-           if report["sampling"].get("decoder_noise_seed") is not None else "") + ".",
+           if report["sampling"].get("decoder_noise_seed") is not None else "") + "."
+        + (f" The LM's answers are replayed from `{report['lm_answers_from']}` (text and speech codes as "
+           f"recorded there; spoken by this pipeline's decoder; not timed)." if report.get("lm_answers_from") else ""),
         "",
         "| metric | value |",
         "|---|---|",
@@ -381,7 +428,7 @@ def render_markdown(report: dict) -> str:
         f"| judge's WER on the original assistant speech (floor) | {_fmt_pct(rt.get('assistant_source'))} |",
         f"| first-audio latency P50 / P90 | {_fmt_ms(lat['first_audio_p50'])} / {_fmt_ms(lat['first_audio_p90'])} |",
         "| real-time factor (compute / audio) | " +
-        ("n/a (no audio)" if rtf["total"] is None else f"{rtf['total']:.2f} (LM {rtf['lm']:.2f}, decoder "
+        ("n/a (no timed audio)" if rtf["total"] is None else f"{rtf['total']:.2f} (LM {rtf['lm']:.2f}, decoder "
                                                        f"{rtf['decoder']:.2f})") + " |",
     ]
     copies = report.get("style_copies")
@@ -420,6 +467,7 @@ def evaluate_pipeline(
     warmup: bool = True,
     progress: Callable[[str], None] | None = None,
     decoder_noise_seed: int | None = None,
+    lm_answers_from: str | os.PathLike | None = None,
 ) -> dict:
     """Score a pipeline (a directory, or an already loaded `Pipeline`) on the dialogues of `split`
     in `dialogues_manifest`; write `report.json` and `report.md` under `out_dir`; return the report.
@@ -429,6 +477,12 @@ def evaluate_pipeline(
     `progress`, if given, is called with one line per dialogue. `decoder_noise_seed` replaces the
     flow's starting-noise seed (default: the pipeline's own): the same model's speech under another
     draw, which shows how much of a WER difference between two decoders is the draw.
+
+    `lm_answers_from` (an earlier `report.json` of the same dialogues, or its directory) replays the
+    LM's answers recorded there instead of running the LM: the same text and speech codes, spoken by
+    this pipeline's decoder as a session streams them. It scores a decoder (or a decoder noise seed)
+    on exactly the speech tokens another run produced, in about half the time; latency and the
+    real-time factor are not measured then.
     """
     from voicelm.core.audio import SAMPLE_RATE, AudioError, load_audio
     from voicelm.pipeline import Pipeline, load_pipeline
@@ -447,6 +501,7 @@ def evaluate_pipeline(
         raise EvaluationError(f"decoder_noise_seed must be an integer >= 0 (or None for the pipeline's own), "
                               f"got {decoder_noise_seed!r}")
     dialogues = read_dialogues(dialogues_manifest, split, limit)
+    recorded = read_recorded_answers(lm_answers_from, dialogues) if lm_answers_from is not None else None
     pipeline = pipeline_dir if isinstance(pipeline_dir, Pipeline) else load_pipeline(pipeline_dir)
     from decoder.flow import with_sampling
 
@@ -460,7 +515,7 @@ def evaluate_pipeline(
         judge_model = load_whisper(judge)
         options = {"temperature": float(temperature), "max_new_tokens": int(max_new_tokens)}
 
-        if warmup:
+        if warmup and recorded is None:
             _run_exchange(pipeline.session(options=options, seed=seed), dialogues[0].exchanges[0], options)
             if round_trip:
                 _round_trip(pipeline, judge_model, load_audio(dialogues[0].exchanges[0].user_audio, SAMPLE_RATE))
@@ -470,12 +525,15 @@ def evaluate_pipeline(
             session = pipeline.session(options=options, seed=seed)
             dialogue_rows = []
             for exchange in dialogue.exchanges:
-                try:
-                    turn = _run_exchange(session, exchange, options)
-                except (AudioError, ValueError) as exc:  # a clip the session refuses: scored wrong, reported
-                    turn = {"text": "", "audio": np.zeros(0, np.float32), "end": None, "user_seconds": 0.0,
-                            "errors": [f"bad_input: {exc}"]}
-                end = turn["end"]
+                if recorded is not None:
+                    turn = _replay_exchange(pipeline, recorded[(dialogue.id, exchange.index)])
+                else:
+                    try:
+                        turn = _run_exchange(session, exchange, options)
+                    except (AudioError, ValueError) as exc:  # a clip the session refuses: scored wrong, reported
+                        turn = {"text": "", "speech_codes": [], "audio": np.zeros(0, np.float32), "end": None,
+                                "user_seconds": 0.0, "errors": [f"bad_input: {exc}"]}
+                end = turn.get("end")
                 spoken = _transcribe(judge_model, turn["audio"], pipeline.sample_rate)
                 row = {
                     "dialogue": dialogue.id, "exchange": exchange.index, "task": exchange.task,
@@ -483,11 +541,12 @@ def evaluate_pipeline(
                     "answer": exchange.answer, "text": turn["text"],
                     "correct": answer_correct(exchange.answer, turn["text"], reference=exchange.assistant_text),
                     "spoken_transcript": spoken,
-                    "reason": end.reason if end else None,
+                    "reason": end.reason if end else turn.get("reason"),
                     "timings": dict(end.timings) if end else {},
-                    "audio_seconds": float(end.audio_seconds) if end else 0.0,
-                    "num_text_tokens": end.num_text_tokens if end else 0,
-                    "num_speech_tokens": end.num_speech_tokens if end else 0,
+                    "audio_seconds": len(turn["audio"]) / pipeline.sample_rate,
+                    "num_text_tokens": end.num_text_tokens if end else turn.get("num_text_tokens", 0),
+                    "num_speech_tokens": len(turn["speech_codes"]),
+                    "speech_codes": turn["speech_codes"],
                     "user_seconds": turn["user_seconds"], "errors": turn["errors"], "round_trip": None,
                 }
                 if round_trip:
@@ -518,6 +577,7 @@ def evaluate_pipeline(
             "manifest": str(_manifest_path(dialogues_manifest)),
             "split": split, "limit": limit, "judge": judge, "round_trip": round_trip, "warmup": warmup,
             "sampling": {**options, "seed": seed, "decoder_noise_seed": int(pipeline.decoder.flow.config.noise_seed)},
+            "lm_answers_from": str(Path(lm_answers_from)) if lm_answers_from is not None else None,
             "num_dialogues": len(dialogues), "num_exchanges": len(rows),
             **summarize(rows),
             "wall_seconds": time.perf_counter() - start,
@@ -558,6 +618,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-noise-seed", type=int, default=None,
                         help="the flow's starting-noise seed (default: the pipeline's own); another seed is "
                              "another draw of the same speech, to tell a real WER difference from the draw")
+    parser.add_argument("--lm-answers-from", type=Path, default=None, metavar="REPORT",
+                        help="replay the LM's answers (text and speech codes) recorded in an earlier report.json "
+                             "of the same dialogues instead of running the LM: scores this pipeline's decoder on "
+                             "exactly those speech tokens, about twice as fast; no latency figures")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the tokenizer round trip (faster)")
     parser.add_argument("--no-warmup", action="store_true", help="do not run an unscored warm-up turn first")
 
@@ -573,6 +637,7 @@ def main(args: argparse.Namespace) -> int:
             args.pipeline, args.manifest, out, split=args.split, limit=args.limit, judge=args.judge,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
             round_trip=not args.no_round_trip, warmup=not args.no_warmup, decoder_noise_seed=args.decoder_noise_seed,
+            lm_answers_from=args.lm_answers_from,
             progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (EvaluationError, CheckpointError, AudioError, WhisperWeightsError) as exc:
         print(f"voicelm eval: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 
 from voicelm.evaluate import (
@@ -267,3 +268,83 @@ def test_a_loaded_pipeline_gets_its_own_noise_seed_back(evaluated, tmp_path):
                                max_new_tokens=20, round_trip=False, warmup=False, decoder_noise_seed=own + 3)
     assert report["sampling"]["decoder_noise_seed"] == own + 3
     assert pipeline.decoder.flow.config.noise_seed == own  # the caller's pipeline is left as it was
+
+
+def test_rows_record_the_speech_codes_the_lm_spoke(evaluated):
+    report, _, _ = evaluated
+    from voicelm.pipeline import load_pipeline
+
+    _, _, out = evaluated
+    codebook = load_pipeline(out.parent / "pipeline").vocab.speech_vocab_size
+    for row in (r for d in report["dialogues"] for r in d["exchanges"]):
+        assert len(row["speech_codes"]) == row["num_speech_tokens"] > 0
+        assert all(isinstance(c, int) and 0 <= c < codebook for c in row["speech_codes"])
+
+
+def test_replayed_answers_sound_as_the_session_spoke_them(evaluated, tmp_path):
+    """--lm-answers-from: the recorded codes through the same decoder give the same speech, word for word."""
+    report, _, out = evaluated
+    root = out.parent
+    replay = evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "replay", judge="tiny.en",
+                               round_trip=False, decoder_noise_seed=7, lm_answers_from=out)
+    first = [r for d in report["dialogues"] for r in d["exchanges"]]
+    again = [r for d in replay["dialogues"] for r in d["exchanges"]]
+    assert [r["text"] for r in again] == [r["text"] for r in first]
+    assert [r["speech_codes"] for r in again] == [r["speech_codes"] for r in first]
+    assert [r["correct"] for r in again] == [r["correct"] for r in first]
+    assert [r["spoken_transcript"] for r in again] == [r["spoken_transcript"] for r in first]
+    assert [round(r["audio_seconds"], 4) for r in again] == [round(r["audio_seconds"], 4) for r in first]
+    assert replay["wer"] == report["wer"]
+    # nothing was timed, and the report says where the answers came from
+    assert replay["latency"]["first_audio_p50"] is None and replay["rtf"]["total"] is None
+    assert replay["lm_answers_from"] == str(out)
+    assert "replayed from" in (tmp_path / "replay" / REPORT_MD).read_text()
+
+
+def test_replay_refuses_a_report_of_other_dialogues(evaluated, tmp_path):
+    report, _, out = evaluated
+    root = out.parent
+    with pytest.raises(EvaluationError, match="not found"):
+        evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "a", judge="tiny.en",
+                          lm_answers_from=tmp_path / "nowhere")
+    other = json.loads(json.dumps(report))
+    other["dialogues"] = other["dialogues"][:1]  # a report of --limit 1
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / REPORT_JSON).write_text(json.dumps(other))
+    with pytest.raises(EvaluationError, match="same dialogues"):
+        evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "b", judge="tiny.en",
+                          lm_answers_from=tmp_path / "short")
+    old = json.loads(json.dumps(report))
+    for dialogue in old["dialogues"]:
+        for row in dialogue["exchanges"]:
+            del row["speech_codes"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(EvaluationError, match="no speech codes"):
+        evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "c", judge="tiny.en",
+                          lm_answers_from=tmp_path / "old.json")
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(EvaluationError, match="not a report"):
+        evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "d", judge="tiny.en",
+                          lm_answers_from=tmp_path / "junk.json")
+    assert not any((tmp_path / name).exists() for name in "abcd")  # refused before writing anything
+
+
+def test_replay_gives_the_session_s_waveform_sample_for_sample(evaluated):
+    from voicelm.evaluate import _replay_exchange, _run_exchange, read_dialogues
+    from voicelm.pipeline import load_pipeline
+
+    _, _, out = evaluated
+    root = out.parent
+    pipeline = load_pipeline(root / "pipeline")
+    exchange = read_dialogues(root / "corpus", limit=1)[0].exchanges[0]
+    options = {"temperature": 0.0, "max_new_tokens": 60}
+    spoken = _run_exchange(pipeline.session(options=options, seed=0), exchange, options)
+    assert spoken["speech_codes"] and spoken["audio"].size > 0
+    recorded = {"text": spoken["text"], "speech_codes": spoken["speech_codes"], "errors": [],
+                "user_seconds": spoken["user_seconds"], "reason": spoken["end"].reason,
+                "num_text_tokens": spoken["end"].num_text_tokens}
+    replayed = _replay_exchange(pipeline, recorded)
+    assert np.array_equal(replayed["audio"], spoken["audio"])
+    # another draw of the flow's noise is other audio: the comparison above can tell
+    pipeline.decoder.flow.config.noise_seed += 1
+    assert not np.array_equal(_replay_exchange(pipeline, recorded)["audio"], spoken["audio"])
