@@ -23,6 +23,10 @@ sweep one setting quickly; the default is every row.
 with exactly that text (normal style), its stored tokens and its true mel (the streamed row takes
 no prompt).
 
+These rows decode piper's stored tokens. To score a decoder on the LM's own speech tokens (what the
+eval's spoken WER measures), replay an eval report instead: `voicelm eval CAND MANIFEST
+--lm-answers-from runs/.../report.json` (docs/evaluation.md).
+
 `--flow` / `--vocoder` load weights from a training checkpoint (`runs/decoder/checkpoints/last/
 model.safetensors`, `runs/vocoder/checkpoints/last/model.safetensors`) into the pipeline's
 decoder, to compare checkpoints while they train.
