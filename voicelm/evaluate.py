@@ -127,14 +127,19 @@ class EvalDialogue:
     exchanges: tuple[EvalExchange, ...]
 
 
-def _manifest_path(manifest: str | os.PathLike) -> Path:
-    path = Path(manifest)
+def _file_or_dir(given: str | os.PathLike, name: str, what: str, hint: str) -> Path:
+    """`given`, or `given/name` when it is a directory; a clear error if that file does not exist."""
+    path = Path(given)
     if path.is_dir():
-        path = path / DIALOGUES_NAME
+        path = path / name
     if not path.is_file():
-        raise EvaluationError(f"dialogue manifest {path} not found: pass the {DIALOGUES_NAME} written by "
-                              f"`voicelm data dialogues --out DIR` (or that directory)")
+        raise EvaluationError(f"{what} {path} not found: {hint}")
     return path
+
+
+def _manifest_path(manifest: str | os.PathLike) -> Path:
+    return _file_or_dir(manifest, DIALOGUES_NAME, "dialogue manifest",
+                        f"pass the {DIALOGUES_NAME} written by `voicelm data dialogues --out DIR` (or that directory)")
 
 
 def _parse_dialogue(row: Any, root: Path, where: str) -> EvalDialogue:
@@ -261,12 +266,8 @@ def _replay_exchange(pipeline, recorded: dict) -> dict[str, Any]:
 def read_recorded_answers(report_path: str | os.PathLike, dialogues: Sequence["EvalDialogue"]) -> dict:
     """The LM's answers of an earlier report (`report.json`, or its directory), keyed by (dialogue id,
     exchange index), checked to cover every exchange of `dialogues` with the same user words."""
-    path = Path(report_path)
-    if path.is_dir():
-        path = path / REPORT_JSON
-    if not path.is_file():
-        raise EvaluationError(f"earlier report {path} not found: pass the {REPORT_JSON} (or the directory) "
-                              f"that `voicelm eval` wrote")
+    path = _file_or_dir(report_path, REPORT_JSON, "earlier report",
+                        f"pass the {REPORT_JSON} (or the directory) that `voicelm eval` wrote")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
         rows = {(d["id"], r["exchange"]): r for d in report["dialogues"] for r in d["exchanges"]}
