@@ -248,6 +248,9 @@ def _run_exchange(session, exchange: EvalExchange, options: dict) -> dict[str, A
             "user_seconds": wav.numel() / SAMPLE_RATE}
 
 
+_RECORDED_KEYS = ("text", "speech_codes", "errors", "user_seconds", "reason", "num_text_tokens")
+
+
 def _replay_exchange(pipeline, recorded: dict) -> dict[str, Any]:
     """Speak an answer recorded in an earlier report again: its speech codes through this pipeline's
     decoder exactly as a session streams them (one code per push, then the end). The text and the
@@ -283,7 +286,22 @@ def read_recorded_answers(report_path: str | os.PathLike, dialogues: Sequence["E
             if "speech_codes" not in row:
                 raise EvaluationError(f"{path} holds no speech codes (written before voicelm recorded them): "
                                       f"run `voicelm eval` again without --lm-answers-from to record them")
+            codes = row["speech_codes"]
+            missing = [key for key in _RECORDED_KEYS if key not in row]
+            if missing or not isinstance(codes, list) or not all(
+                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in codes):
+                raise EvaluationError(f"{path}, dialogue {dialogue.id} exchange {exchange.index}: not a row of "
+                                      f"`voicelm eval` (missing {missing} or speech_codes not a list of codes >= 0)")
     return rows
+
+
+def _check_codebook(recorded: dict, codebook: int, source) -> None:
+    """Recorded codes must exist in this decoder's codebook (another tokenizer's codes would not)."""
+    top = max((max(row["speech_codes"], default=-1) for row in recorded.values()), default=-1)
+    if top >= codebook:
+        raise EvaluationError(f"{source} has speech code {top}, but this pipeline's codebook has {codebook} codes: "
+                              f"its answers came from a pipeline with another speech tokenizer; replay them "
+                              f"through a decoder of the same codebook")
 
 
 def _round_trip(pipeline, judge, wav) -> tuple[str, int]:
@@ -482,8 +500,8 @@ def evaluate_pipeline(
     `lm_answers_from` (an earlier `report.json` of the same dialogues, or its directory) replays the
     LM's answers recorded there instead of running the LM: the same text and speech codes, spoken by
     this pipeline's decoder as a session streams them. It scores a decoder (or a decoder noise seed)
-    on exactly the speech tokens another run produced, in about half the time; latency and the
-    real-time factor are not measured then.
+    on exactly the speech tokens another run produced, without the LM's share of the time (about a
+    third of a turn's compute on the demo); latency and the real-time factor are not measured then.
     """
     from voicelm.core.audio import SAMPLE_RATE, AudioError, load_audio
     from voicelm.pipeline import Pipeline, load_pipeline
@@ -504,6 +522,8 @@ def evaluate_pipeline(
     dialogues = read_dialogues(dialogues_manifest, split, limit)
     recorded = read_recorded_answers(lm_answers_from, dialogues) if lm_answers_from is not None else None
     pipeline = pipeline_dir if isinstance(pipeline_dir, Pipeline) else load_pipeline(pipeline_dir)
+    if recorded is not None:
+        _check_codebook(recorded, pipeline.vocab.speech_vocab_size, lm_answers_from)
     from decoder.flow import with_sampling
 
     flow = pipeline.decoder.flow

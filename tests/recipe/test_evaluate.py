@@ -322,11 +322,22 @@ def test_replay_refuses_a_report_of_other_dialogues(evaluated, tmp_path):
     with pytest.raises(EvaluationError, match="no speech codes"):
         evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "c", judge="tiny.en",
                           lm_answers_from=tmp_path / "old.json")
+    alien = json.loads(json.dumps(report))
+    alien["dialogues"][0]["exchanges"][0]["speech_codes"][0] = 16383  # a GLM-4-Voice code, not of this codebook
+    (tmp_path / "alien.json").write_text(json.dumps(alien))
+    with pytest.raises(EvaluationError, match="codebook"):
+        evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "e", judge="tiny.en",
+                          lm_answers_from=tmp_path / "alien.json")
+    alien["dialogues"][0]["exchanges"][0]["speech_codes"][0] = "7"
+    (tmp_path / "alien.json").write_text(json.dumps(alien))
+    with pytest.raises(EvaluationError, match="speech_codes not a list"):
+        evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "e", judge="tiny.en",
+                          lm_answers_from=tmp_path / "alien.json")
     (tmp_path / "junk.json").write_text("[1, 2]")
     with pytest.raises(EvaluationError, match="not a report"):
         evaluate_pipeline(root / "pipeline", root / "corpus", tmp_path / "d", judge="tiny.en",
                           lm_answers_from=tmp_path / "junk.json")
-    assert not any((tmp_path / name).exists() for name in "abcd")  # refused before writing anything
+    assert not any((tmp_path / name).exists() for name in "abcde")  # refused before writing anything
 
 
 def test_replay_gives_the_session_s_waveform_sample_for_sample(evaluated):
