@@ -255,12 +255,12 @@ def _replay_exchange(pipeline, recorded: dict) -> dict[str, Any]:
     """Speak an answer recorded in an earlier report again: its speech codes through this pipeline's
     decoder exactly as a session streams them (one code per push, then the end). The text and the
     rest of the row stay the recorded ones; nothing here is timed."""
-    codes = [int(code) for code in recorded["speech_codes"]]
+    from voicelm.session import _as_samples
+
+    codes = list(recorded["speech_codes"])  # checked by read_recorded_answers
     stream = pipeline.new_audio_stream()
-    stream.reset()
     chunks = [chunk for code in codes for chunk in stream.push([code])] + list(stream.finish())
-    audio = np.concatenate([np.asarray(c, np.float32).reshape(-1) for c in chunks]) if chunks \
-        else np.zeros(0, np.float32)
+    audio = np.concatenate([_as_samples(c) for c in chunks]) if chunks else np.zeros(0, np.float32)
     return {"text": recorded["text"], "speech_codes": codes, "audio": audio, "errors": list(recorded["errors"]),
             "user_seconds": recorded["user_seconds"], "reason": recorded["reason"],
             "num_text_tokens": recorded["num_text_tokens"]}
