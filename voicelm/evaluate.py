@@ -402,7 +402,21 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             "compute_seconds": compute["total"], "audio_seconds": audio_seconds,
         },
         "errors": sum(len(r["errors"]) for r in rows),
+        "judge_loops": _judge_loops(rows),
     }
+
+
+def _judge_loops(rows: list[dict]) -> int:
+    """Transcripts the judge left as a decoding loop even after its fallbacks
+    (`whisper_weights.transcribe`); each can add hundreds of inserted words to a WER."""
+    from voicelm.core.whisper_weights import is_repetitive
+
+    texts = [r["spoken_transcript"] for r in rows]
+    for r in rows:
+        if r.get("round_trip"):
+            texts += [r["round_trip"].get(key) or "" for key in
+                      ("user_transcript", "assistant_transcript", "assistant_source_transcript")]
+    return sum(is_repetitive(t) for t in texts)
 
 
 def _fmt_pct(value: float | None) -> str:
@@ -456,6 +470,9 @@ def render_markdown(report: dict) -> str:
                      f"{copies['copies']}/{copies['after_right_answer']} |")
     if report["errors"]:
         lines.append(f"| turns that ended in an error | {report['errors']} |")
+    if report.get("judge_loops"):
+        lines.append(f"| judge transcripts still looping after its fallbacks (check them in report.json) | "
+                     f"{report['judge_loops']} |")
     tasks = acc["all"]["by_task"]
     if tasks:
         lines += ["", "| task | held-out | all |", "|---|---|---|"]

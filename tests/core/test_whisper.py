@@ -260,3 +260,47 @@ def test_normalized_wer_reads_spoken_counts_and_operator_signs_as_said():
     assert normalized_wer(["thirteen, six"], ["13 6"]) == 0.0
     assert normalized_wer(["twenty, twenty one"], ["20 21"]) == 0.0
     assert normalized_wer(["twenty six"], ["20, 6"]) == 2.0  # a written pause keeps two numbers
+
+
+class _ScriptedJudge(torch.nn.Module):
+    """Stands in for Whisper's `transcribe` to drive the loop fallback: each decoding mode gives a
+    set transcript, and every call is recorded."""
+
+    def __init__(self, greedy, beam, sampled):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.texts = {"greedy": greedy, "beam": beam, "sampled": sampled}
+        self.calls = []
+
+    def transcribe(self, wav, **options):
+        mode = ("sampled" if isinstance(options["temperature"], tuple)
+                else "beam" if options.get("beam_size") else "greedy")
+        self.calls.append((mode, options))
+        return {"text": " " + self.texts[mode]}
+
+
+LOOP = "the top of the" + " top of the" * 60
+
+
+def test_loop_detection_separates_loops_from_answers():
+    assert whisper_weights.is_repetitive(LOOP)
+    for said in ("the tall book.", "S-O-F-T, soft.", "", "two hundred thirty four minus ten is two hundred twenty four.",
+                 "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20"):
+        assert not whisper_weights.is_repetitive(said), said
+
+
+def test_a_looping_transcript_is_decoded_again():
+    clip = np.sin(np.linspace(0, 400, 16000)).astype(np.float32) * 0.1
+    clean = _ScriptedJudge("the tall book.", "unused", "unused")
+    assert transcribe(clean, clip, 16000) == "the tall book." and [m for m, _ in clean.calls] == ["greedy"]
+
+    beam = _ScriptedJudge(LOOP, "the tall book.", "unused")
+    assert transcribe(beam, clip, 16000) == "the tall book."
+    assert [m for m, _ in beam.calls] == ["greedy", "beam"]
+
+    state = torch.random.get_rng_state()
+    sampled = _ScriptedJudge(LOOP, LOOP, "the tall book")
+    assert transcribe(sampled, clip, 16000) == "the tall book"
+    mode, options = sampled.calls[-1]
+    assert mode == "sampled" and options["compression_ratio_threshold"] == whisper_weights.REPETITIVE_RATIO
+    assert torch.equal(torch.random.get_rng_state(), state)  # the fixed-seed fallback leaves the caller's RNG alone

@@ -154,6 +154,23 @@ def test_summary_counts_style_copies_and_splits_long_answers():
     assert "| held-out style turns after a right answer that repeat it | 1/2 |" in render_markdown(report)
 
 
+def test_summary_counts_judge_transcripts_that_still_loop():
+    loop = "the top of the" + " top of the" * 60
+    rows = [{"heldout": True, "task": "repeat", "correct": True, "text": "the tall book.", "reference": "the tall book.",
+             "spoken_transcript": heard, "user_text": "q", "timings": {}, "audio_seconds": 1.0, "errors": [],
+             "round_trip": {"user_transcript": "q", "assistant_transcript": rt, "assistant_source_transcript": None}}
+            for heard, rt in (("the tall book.", loop), (loop, "the tall book."), ("the tall book.", "the tall book."))]
+    summary = summarize(rows)
+    assert summary["judge_loops"] == 2
+    assert summary["wer"]["spoken_vs_text"] > 10  # what one loop does to a WER: why the report flags it
+    report = {"pipeline": {"name": "x"}, "num_dialogues": 3, "num_exchanges": 3, "split": "heldout",
+              "manifest": "m", "judge": "base", "sampling": {"temperature": 0.0, "seed": 0}, **summary}
+    assert "still looping after its fallbacks (check them in report.json) | 2 |" in render_markdown(report)
+    del rows[:2]
+    assert summarize(rows)["judge_loops"] == 0
+    assert "still looping" not in render_markdown({**report, **summarize(rows)})
+
+
 def test_report_with_nan_is_not_written(tmp_path):
     rows = [{"heldout": True, "task": "arithmetic", "correct": False, "text": "", "reference": "one is one.",
              "spoken_transcript": "", "user_text": "one", "timings": {}, "audio_seconds": 0.0, "errors": [],

@@ -221,15 +221,48 @@ def load_whisper(name: str = "base", device: str = "cpu"):
 # Using Whisper as a judge: transcripts and word error, the same way everywhere
 
 
+# Whisper's own threshold (`transcribe(compression_ratio_threshold=2.4)`): a transcript that zlib
+# compresses more than this is a decoding loop ("the top of the top of the top ..."), not speech.
+# Ordinary answers score 0.5-1.5; a looped one scores 10 or more.
+REPETITIVE_RATIO = 2.4
+# Sampling temperatures tried, with a fixed seed, when greedy and beam search both loop.
+_FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+_FALLBACK_SEED = 0
+
+
+def is_repetitive(text: str) -> bool:
+    """True when a transcript is a decoding loop rather than what was said (see REPETITIVE_RATIO)."""
+    from whisper.utils import compression_ratio
+
+    return bool(text) and compression_ratio(text) > REPETITIVE_RATIO
+
+
 def transcribe(model, audio, sample_rate: int, *, language: str = "en") -> str:
-    """Greedy transcript of one clip (an array, not a path: no ffmpeg needed)."""
+    """Greedy transcript of one clip (an array, not a path: no ffmpeg needed).
+
+    Greedy decoding can loop on a short, unclear clip and write one phrase hundreds of times,
+    which adds hundreds of inserted words to a WER. Such a transcript (`is_repetitive`) is
+    decoded again with beam search (5 beams), then, if that loops too, with Whisper's own
+    temperature fallback under a fixed seed. Every other clip keeps its greedy transcript, and
+    the result is the same on every run.
+    """
+    import torch
+
     from voicelm.core.audio import SAMPLE_RATE, prepare_audio
 
-    wav = prepare_audio(audio, sample_rate, SAMPLE_RATE, max_seconds=None)
+    wav = prepare_audio(audio, sample_rate, SAMPLE_RATE, max_seconds=None).numpy()
     fp16 = next(model.parameters()).device.type == "cuda"
-    result = model.transcribe(
-        wav.numpy(), language=language, temperature=0.0, fp16=fp16, condition_on_previous_text=False
-    )
+    common = {"language": language, "fp16": fp16, "condition_on_previous_text": False}
+    text = model.transcribe(wav, temperature=0.0, **common)["text"].strip()
+    if not is_repetitive(text):
+        return text
+    text = model.transcribe(wav, temperature=0.0, beam_size=5, **common)["text"].strip()
+    if not is_repetitive(text):
+        return text
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_FALLBACK_SEED)
+        result = model.transcribe(wav, temperature=_FALLBACK_TEMPERATURES, best_of=5,
+                                  compression_ratio_threshold=REPETITIVE_RATIO, logprob_threshold=None, **common)
     return result["text"].strip()
 
 
