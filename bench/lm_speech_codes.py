@@ -42,8 +42,9 @@ def speech_code_table(lm, dialogues, tasks_by_id: dict[str, list[str]]) -> dict[
             labels = torch.tensor(sample.labels[1:])
             nll = torch.nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none")
             right = logits.argmax(-1) == labels
-            tasks = tasks_by_id[sample.source.split(":")[0]]
-            answer = -1
+            # a dialogue too long for the context loses its oldest exchanges: its answers are the last ones
+            tasks = tasks_by_id[sample.source]
+            answer = len(tasks) - sum(1 for token in sample.input_ids if token == vocab.assistant_id) - 1
             for pos in range(len(labels)):
                 if sample.input_ids[pos] == vocab.assistant_id:
                     answer += 1
