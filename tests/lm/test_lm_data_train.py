@@ -280,6 +280,77 @@ def test_tiny_model_overfits_and_greedy_generation_reproduces_the_answers(tmp_pa
     assert again == generated
 
 
+def test_self_feed_gives_answer_speech_inputs_the_models_own_codes_and_keeps_the_labels(tmp_path):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    solver = LMSolver(_cfg(manifest, self_feed=1.0))
+    model = solver.build_model()
+    train, _ = solver.build_dataloaders()
+    batch = next(iter(train))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    v = solver.vocab
+    lo, hi = v.speech_offset, v.speech_offset + v.speech_vocab_size
+    torch.manual_seed(0)
+    fed, changed = solver.self_fed_inputs(model, ids, labels, mask)
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).logits[:, :-1, lo:hi].argmax(-1) + lo
+    answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)
+    assert answer_speech.sum() > 100
+    # every answer speech input is the model's own choice there; every other token is untouched
+    assert torch.equal(fed[:, 1:][answer_speech], own[answer_speech])
+    assert torch.equal(fed[:, 1:][~answer_speech], ids[:, 1:][~answer_speech]) and torch.equal(fed[:, 0], ids[:, 0])
+    differs = (own != ids[:, 1:]) & answer_speech
+    assert float(changed) == pytest.approx(float(differs.sum() / answer_speech.sum())) and float(changed) > 0.5
+
+    # half the positions: an independent share of them, never a token that is not a speech code
+    half = LMSolver(_cfg(manifest, self_feed=0.5))
+    half._prepare()
+    torch.manual_seed(1)
+    fed_half, _ = half.self_fed_inputs(model, ids, labels, mask)
+    took_own = (fed_half[:, 1:] == own) & differs
+    assert 0.35 < float(took_own.sum() / differs.sum()) < 0.65
+    assert torch.equal(fed_half[:, 1:][~answer_speech], ids[:, 1:][~answer_speech])
+
+    # training sees the fed inputs and reports the share; validation (no grad) and eval mode do not
+    model.train()
+    fed_loss = solver.compute_loss(model, batch)
+    plain = LMSolver(_cfg(manifest))
+    plain._prepare()
+    plain_loss = plain.compute_loss(model, batch)
+    assert "self_fed" in fed_loss and "self_fed" not in plain_loss
+    assert not torch.allclose(fed_loss["loss"], plain_loss["loss"])
+    with torch.no_grad():
+        assert torch.allclose(solver.compute_loss(model, batch)["loss"], plain_loss["loss"])
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "half"])
+def test_self_feed_out_of_range_is_a_clear_error(tmp_path, value):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    with pytest.raises(ValueError, match=r"solver.self_feed=.* must be a share in \[0, 1\]"):
+        LMSolver(_cfg(manifest, self_feed=value))
+
+
+def test_a_self_fed_tiny_model_still_lowers_its_speech_loss(tmp_path):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    solver = LMSolver(_cfg(manifest, self_feed=0.5))
+    model = solver.build_model()
+    train, _ = solver.build_dataloaders()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    torch.manual_seed(0)
+    batch = next(iter(train))
+    first = float(solver.compute_loss(model, batch)["speech_loss"])
+    shares = []
+    for _ in range(80):
+        metrics = solver.compute_loss(model, next(iter(train)))
+        shares.append(float(metrics["self_fed"]))
+        opt.zero_grad()
+        metrics["loss"].backward()
+        opt.step()
+    model.eval()
+    assert float(solver.compute_loss(model, batch)["speech_loss"]) < 0.6 * first, shares
+    # about half the answer speech inputs are picked, and most of a random model's picks differ
+    assert all(0.3 < share < 0.6 for share in shares[:5]), shares
+
+
 def test_through_the_harness_then_fine_tune_with_init_from(tmp_path):
     from voicelm.train import compose_config, train
 

@@ -5,10 +5,15 @@ Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `v
 `text_tokenizer` (a file; none = train a BPE of `lm.text_vocab_size` on the training text),
 `init_from` (a voicelm checkpoint to fine-tune: its geometry, vocabulary and tokenizer win over
 `cfg.lm`), `mix` (task weights, of voicelm.lm.data.TASKS), `respoken_max`, `max_length`,
-`text_input_ratio`, `eval_generate`.
+`text_input_ratio`, `eval_generate`, `self_feed`.
 
 Loss: next-token cross-entropy on the assistant answers and their stop token only; `text_loss`
 and `speech_loss` split it by the target's kind (text + stop tokens vs speech tokens).
+`self_feed` (scheduled sampling, default 0): in training, a share of the answers' input speech
+tokens is replaced by the model's own top-1 speech code for that position from a teacher-forced,
+no-grad pass over the same batch; the labels stay the recorded codes. The model then learns to
+go on speaking the text after a code of its own went astray, as it must when it speaks freely.
+`self_fed` logs the share of answer speech inputs that changed.
 Validation adds greedy, layout-enforced generation on the first `eval_generate` validation
 dialogues: `answer_text_accuracy` (exact text of the last answer) and `speech_token_accuracy`
 (position-wise match of its speech codes).
@@ -62,6 +67,13 @@ class LMSolver(Solver):
         if required:
             raise ValueError(f"solver=lm needs {required}: solver.train_manifest=<dialogues.jsonl> (the dialogue "
                              f"manifest of docs/lm.md)")
+        try:
+            self.self_feed = float(self.settings.get("self_feed", 0.0) or 0.0)
+        except (TypeError, ValueError):
+            self.self_feed = math.nan
+        if not 0.0 <= self.self_feed <= 1.0:
+            raise ValueError(f"solver.self_feed={self.settings.get('self_feed')} must be a share in [0, 1] (the "
+                             f"answer speech inputs replaced by the model's own codes; 0 = off)")
         self._prepared = False
 
     # --- shared set-up (tokenizer and geometry are needed by both model and data) --------------
@@ -156,7 +168,11 @@ class LMSolver(Solver):
         device = next(model.parameters()).device
         ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
-        out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device))
+        attention_mask = batch["attention_mask"].to(device)
+        fed = None
+        if self.self_feed > 0 and model.training and torch.is_grad_enabled():
+            ids, fed = self.self_fed_inputs(model, ids, labels, attention_mask)
+        out = model(input_ids=ids, attention_mask=attention_mask)
         logits = out.logits[:, :-1].float()          # (B, T-1, V): position t predicts t+1
         target = labels[:, 1:]                       # (B, T-1)
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -172,8 +188,31 @@ class LMSolver(Solver):
         with torch.no_grad():
             correct = (logits.argmax(-1) == target) & has_loss
             accuracy = correct.sum() / has_loss.sum().clamp(min=1)
-        return {"loss": loss, "text_loss": mean_over(is_text).detach(), "speech_loss": mean_over(is_speech).detach(),
-                "token_accuracy": accuracy}
+        metrics = {"loss": loss, "text_loss": mean_over(is_text).detach(), "speech_loss": mean_over(is_speech).detach(),
+                   "token_accuracy": accuracy}
+        if fed is not None:
+            metrics["self_fed"] = fed
+        return metrics
+
+    def self_fed_inputs(self, model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                        attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ids` with a `self_feed` share of its answer speech tokens (speech positions with a
+        label) replaced by the model's own top-1 speech code there, teacher-forced; and the share
+        of answer speech inputs that changed. Each position is picked independently; the labels
+        are untouched, so the loss still asks for the recorded codes after the model's own."""
+        lo = self.vocab.speech_offset
+        hi = lo + self.vocab.speech_vocab_size
+        answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)   # position t+1 is predicted at t
+        if not bool(answer_speech.any()):
+            return ids, torch.zeros(())
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1, lo:hi]
+            own = logits.argmax(-1) + lo
+        pick = answer_speech & (torch.rand(own.shape, device=own.device) < self.self_feed)
+        fed = ids.clone()
+        fed[:, 1:] = torch.where(pick, own, ids[:, 1:])
+        changed = (fed[:, 1:] != ids[:, 1:]).sum() / answer_speech.sum()
+        return fed, changed.float()
 
     def evaluate(self, model: nn.Module, valid: Iterable | None) -> dict[str, float]:
         metrics = super().evaluate(model, valid)
