@@ -329,6 +329,70 @@ def test_self_feed_out_of_range_is_a_clear_error(tmp_path, value):
         LMSolver(_cfg(manifest, self_feed=value))
 
 
+def test_self_feed_scope_last_feeds_only_the_answer_being_spoken(tmp_path):
+    # d9 answers twice: its first answer is history, which a style request copies; it stays recorded
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    solver = LMSolver(_cfg(manifest, self_feed=1.0, self_feed_scope="last", batch_size=16))
+    model = solver.build_model()
+    train, _ = solver.build_dataloaders()
+    batch = next(iter(train))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    v = solver.vocab
+    lo, hi = v.speech_offset, v.speech_offset + v.speech_vocab_size
+    place = torch.arange(ids.shape[1]).expand_as(ids)
+    last = torch.where(ids == v.assistant_id, place, -1).max(dim=1, keepdim=True).values
+    answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)
+    spoken_now = answer_speech & (place[:, 1:] > last)
+    history = answer_speech & ~spoken_now
+    assert history.sum() >= 30 and spoken_now.sum() > 100      # the batch holds the two-answer dialogue
+    fed, changed = solver.self_fed_inputs(model, ids, labels, mask)
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).logits[:, :-1, lo:hi].argmax(-1) + lo
+    assert torch.equal(fed[:, 1:][spoken_now], own[spoken_now])
+    assert torch.equal(fed[:, 1:][~spoken_now], ids[:, 1:][~spoken_now])
+    assert float(changed) == pytest.approx(float(((own != ids[:, 1:]) & spoken_now).sum() / spoken_now.sum()))
+    # the default scope feeds the history's answer too
+    every = LMSolver(_cfg(manifest, self_feed=1.0, batch_size=16))
+    every._prepare()
+    fed_all, _ = every.self_fed_inputs(model, ids, labels, mask)
+    assert torch.equal(fed_all[:, 1:][history], own[history])
+
+
+def test_self_feed_temperature_samples_speech_codes_instead_of_the_top_1(tmp_path):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    solver = LMSolver(_cfg(manifest, self_feed=1.0, self_feed_temperature=1.0))
+    model = solver.build_model()
+    batch = next(iter(solver.build_dataloaders()[0]))
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    v = solver.vocab
+    lo, hi = v.speech_offset, v.speech_offset + v.speech_vocab_size
+    answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).logits[:, :-1, lo:hi].argmax(-1) + lo
+    torch.manual_seed(0)
+    fed, _ = solver.self_fed_inputs(model, ids, labels, mask)
+    sampled = fed[:, 1:][answer_speech]
+    assert bool(((sampled >= lo) & (sampled < hi)).all())          # always a speech code
+    assert float((sampled == own[answer_speech]).float().mean()) < 0.5   # a random model's samples are spread
+    assert torch.equal(fed[:, 1:][~answer_speech], ids[:, 1:][~answer_speech])
+    # a temperature near zero is the top-1 again
+    cold = LMSolver(_cfg(manifest, self_feed=1.0, self_feed_temperature=1e-6))
+    cold._prepare()
+    fed_cold, _ = cold.self_fed_inputs(model, ids, labels, mask)
+    assert torch.equal(fed_cold[:, 1:][answer_speech], own[answer_speech])
+
+
+@pytest.mark.parametrize("setting, match", [
+    (dict(self_feed_scope="history"), r"solver.self_feed_scope='history' must be 'all' .* or 'last'"),
+    (dict(self_feed_temperature=-1.0), r"solver.self_feed_temperature=-1.0 must be a number >= 0"),
+    (dict(self_feed_temperature="hot"), r"solver.self_feed_temperature=hot must be a number >= 0"),
+])
+def test_bad_self_feed_scope_or_temperature_is_a_clear_error(tmp_path, setting, match):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    with pytest.raises(ValueError, match=match):
+        LMSolver(_cfg(manifest, self_feed=1.0, **setting))
+
+
 def test_a_self_fed_tiny_model_still_lowers_its_speech_loss(tmp_path):
     manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
     solver = LMSolver(_cfg(manifest, self_feed=0.5))

@@ -5,7 +5,7 @@ Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `v
 `text_tokenizer` (a file; none = train a BPE of `lm.text_vocab_size` on the training text),
 `init_from` (a voicelm checkpoint to fine-tune: its geometry, vocabulary and tokenizer win over
 `cfg.lm`), `mix` (task weights, of voicelm.lm.data.TASKS), `respoken_max`, `max_length`,
-`text_input_ratio`, `eval_generate`, `self_feed`.
+`text_input_ratio`, `eval_generate`, `self_feed`, `self_feed_scope`, `self_feed_temperature`.
 
 Loss: next-token cross-entropy on the assistant answers and their stop token only; `text_loss`
 and `speech_loss` split it by the target's kind (text + stop tokens vs speech tokens).
@@ -13,7 +13,11 @@ and `speech_loss` split it by the target's kind (text + stop tokens vs speech to
 tokens is replaced by the model's own top-1 speech code for that position from a teacher-forced,
 no-grad pass over the same batch; the labels stay the recorded codes. The model then learns to
 go on speaking the text after a code of its own went astray, as it must when it speaks freely.
-`self_fed` logs the share of answer speech inputs that changed.
+`self_fed` logs the share of answer speech inputs that changed. `self_feed_scope: last` feeds only
+the answer after a sequence's last `<|assistant|>` (the one being spoken; the history's answers
+keep their recorded codes, which style requests copy); `all` feeds every answer.
+`self_feed_temperature` > 0 samples the fed code from the model's speech distribution at that
+temperature instead of taking its top-1, a stronger perturbation nearer to free running.
 Validation adds greedy, layout-enforced generation on the first `eval_generate` validation
 dialogues: `answer_text_accuracy` (exact text of the last answer) and `speech_token_accuracy`
 (position-wise match of its speech codes).
@@ -74,6 +78,17 @@ class LMSolver(Solver):
         if not 0.0 <= self.self_feed <= 1.0:
             raise ValueError(f"solver.self_feed={self.settings.get('self_feed')} must be a share in [0, 1] (the "
                              f"answer speech inputs replaced by the model's own codes; 0 = off)")
+        self.self_feed_scope = str(self.settings.get("self_feed_scope", "all") or "all")
+        if self.self_feed_scope not in ("all", "last"):
+            raise ValueError(f"solver.self_feed_scope={self.self_feed_scope!r} must be 'all' (every answer's "
+                             f"speech) or 'last' (only the answer after the last <|assistant|>)")
+        try:
+            self.self_feed_temperature = float(self.settings.get("self_feed_temperature", 0.0) or 0.0)
+        except (TypeError, ValueError):
+            self.self_feed_temperature = math.nan
+        if not self.self_feed_temperature >= 0.0:
+            raise ValueError(f"solver.self_feed_temperature={self.settings.get('self_feed_temperature')} must be "
+                             f"a number >= 0 (0 = the model's top-1 code; > 0 = sample at that temperature)")
         self._prepared = False
 
     # --- shared set-up (tokenizer and geometry are needed by both model and data) --------------
@@ -197,17 +212,27 @@ class LMSolver(Solver):
     def self_fed_inputs(self, model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
                         attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`ids` with a `self_feed` share of its answer speech tokens (speech positions with a
-        label) replaced by the model's own top-1 speech code there, teacher-forced; and the share
-        of answer speech inputs that changed. Each position is picked independently; the labels
-        are untouched, so the loss still asks for the recorded codes after the model's own."""
+        label; with `self_feed_scope: last`, only those after the row's last `<|assistant|>`)
+        replaced by the model's own speech code there, teacher-forced: its top-1, or a sample at
+        `self_feed_temperature`; and the share of those inputs that changed. Each position is
+        picked independently; the labels are untouched, so the loss still asks for the recorded
+        codes after the model's own."""
         lo = self.vocab.speech_offset
         hi = lo + self.vocab.speech_vocab_size
         answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)   # position t+1 is predicted at t
+        if self.self_feed_scope == "last":
+            place = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            last = torch.where(ids == self.vocab.assistant_id, place, -1).max(dim=1, keepdim=True).values
+            answer_speech &= place[:, 1:] > last
         if not bool(answer_speech.any()):
             return ids, torch.zeros(())
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1, lo:hi]
-            own = logits.argmax(-1) + lo
+            logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1, lo:hi].float()
+            if self.self_feed_temperature > 0:
+                probs = torch.softmax(logits / self.self_feed_temperature, dim=-1)
+                own = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:-1]) + lo
+            else:
+                own = logits.argmax(-1) + lo
         pick = answer_speech & (torch.rand(own.shape, device=own.device) < self.self_feed)
         fed = ids.clone()
         fed[:, 1:] = torch.where(pick, own, ids[:, 1:])
