@@ -280,19 +280,25 @@ def test_tiny_model_overfits_and_greedy_generation_reproduces_the_answers(tmp_pa
     assert again == generated
 
 
-def test_self_feed_gives_answer_speech_inputs_the_models_own_codes_and_keeps_the_labels(tmp_path):
+def _self_fed_batch(tmp_path, **solver_settings):
+    """A solver with these settings, its random tiny model, one training batch (ids, labels,
+    mask), the speech id range and the model's teacher-forced top-1 speech code at each place."""
     manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
-    solver = LMSolver(_cfg(manifest, self_feed=1.0))
+    solver = LMSolver(_cfg(manifest, **solver_settings))
     model = solver.build_model()
-    train, _ = solver.build_dataloaders()
-    batch = next(iter(train))
+    batch = next(iter(solver.build_dataloaders()[0]))
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    v = solver.vocab
-    lo, hi = v.speech_offset, v.speech_offset + v.speech_vocab_size
-    torch.manual_seed(0)
-    fed, changed = solver.self_fed_inputs(model, ids, labels, mask)
+    lo, hi = solver.vocab.speech_offset, solver.vocab.speech_offset + solver.vocab.speech_vocab_size
     with torch.no_grad():
         own = model(input_ids=ids, attention_mask=mask).logits[:, :-1, lo:hi].argmax(-1) + lo
+    return solver, model, batch, (ids, labels, mask), (lo, hi), own
+
+
+def test_self_feed_gives_answer_speech_inputs_the_models_own_codes_and_keeps_the_labels(tmp_path):
+    solver, model, batch, (ids, labels, mask), (lo, hi), own = _self_fed_batch(tmp_path, self_feed=1.0)
+    manifest = tmp_path / "d.jsonl"
+    torch.manual_seed(0)
+    fed, changed = solver.self_fed_inputs(model, ids, labels, mask)
     answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)
     assert answer_speech.sum() > 100
     # every answer speech input is the model's own choice there; every other token is untouched
@@ -331,14 +337,9 @@ def test_self_feed_out_of_range_is_a_clear_error(tmp_path, value):
 
 def test_self_feed_scope_last_feeds_only_the_answer_being_spoken(tmp_path):
     # d9 answers twice: its first answer is history, which a style request copies; it stays recorded
-    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
-    solver = LMSolver(_cfg(manifest, self_feed=1.0, self_feed_scope="last", batch_size=16))
-    model = solver.build_model()
-    train, _ = solver.build_dataloaders()
-    batch = next(iter(train))
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    solver, model, _, (ids, labels, mask), (lo, hi), own = _self_fed_batch(
+        tmp_path, self_feed=1.0, self_feed_scope="last", batch_size=16)
     v = solver.vocab
-    lo, hi = v.speech_offset, v.speech_offset + v.speech_vocab_size
     place = torch.arange(ids.shape[1]).expand_as(ids)
     last = torch.where(ids == v.assistant_id, place, -1).max(dim=1, keepdim=True).values
     answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)
@@ -346,29 +347,20 @@ def test_self_feed_scope_last_feeds_only_the_answer_being_spoken(tmp_path):
     history = answer_speech & ~spoken_now
     assert history.sum() >= 30 and spoken_now.sum() > 100      # the batch holds the two-answer dialogue
     fed, changed = solver.self_fed_inputs(model, ids, labels, mask)
-    with torch.no_grad():
-        own = model(input_ids=ids, attention_mask=mask).logits[:, :-1, lo:hi].argmax(-1) + lo
     assert torch.equal(fed[:, 1:][spoken_now], own[spoken_now])
     assert torch.equal(fed[:, 1:][~spoken_now], ids[:, 1:][~spoken_now])
     assert float(changed) == pytest.approx(float(((own != ids[:, 1:]) & spoken_now).sum() / spoken_now.sum()))
     # the default scope feeds the history's answer too
-    every = LMSolver(_cfg(manifest, self_feed=1.0, batch_size=16))
+    every = LMSolver(_cfg(tmp_path / "d.jsonl", self_feed=1.0, batch_size=16))
     every._prepare()
     fed_all, _ = every.self_fed_inputs(model, ids, labels, mask)
     assert torch.equal(fed_all[:, 1:][history], own[history])
 
 
 def test_self_feed_temperature_samples_speech_codes_instead_of_the_top_1(tmp_path):
-    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
-    solver = LMSolver(_cfg(manifest, self_feed=1.0, self_feed_temperature=1.0))
-    model = solver.build_model()
-    batch = next(iter(solver.build_dataloaders()[0]))
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
-    v = solver.vocab
-    lo, hi = v.speech_offset, v.speech_offset + v.speech_vocab_size
+    solver, model, _, (ids, labels, mask), (lo, hi), own = _self_fed_batch(
+        tmp_path, self_feed=1.0, self_feed_temperature=1.0)
     answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)
-    with torch.no_grad():
-        own = model(input_ids=ids, attention_mask=mask).logits[:, :-1, lo:hi].argmax(-1) + lo
     torch.manual_seed(0)
     fed, _ = solver.self_fed_inputs(model, ids, labels, mask)
     sampled = fed[:, 1:][answer_speech]
@@ -376,7 +368,7 @@ def test_self_feed_temperature_samples_speech_codes_instead_of_the_top_1(tmp_pat
     assert float((sampled == own[answer_speech]).float().mean()) < 0.5   # a random model's samples are spread
     assert torch.equal(fed[:, 1:][~answer_speech], ids[:, 1:][~answer_speech])
     # a temperature near zero is the top-1 again
-    cold = LMSolver(_cfg(manifest, self_feed=1.0, self_feed_temperature=1e-6))
+    cold = LMSolver(_cfg(tmp_path / "d.jsonl", self_feed=1.0, self_feed_temperature=1e-6))
     cold._prepare()
     fed_cold, _ = cold.self_fed_inputs(model, ids, labels, mask)
     assert torch.equal(fed_cold[:, 1:][answer_speech], own[answer_speech])

@@ -71,10 +71,7 @@ class LMSolver(Solver):
         if required:
             raise ValueError(f"solver=lm needs {required}: solver.train_manifest=<dialogues.jsonl> (the dialogue "
                              f"manifest of docs/lm.md)")
-        try:
-            self.self_feed = float(self.settings.get("self_feed", 0.0) or 0.0)
-        except (TypeError, ValueError):
-            self.self_feed = math.nan
+        self.self_feed = self._number("self_feed")
         if not 0.0 <= self.self_feed <= 1.0:
             raise ValueError(f"solver.self_feed={self.settings.get('self_feed')} must be a share in [0, 1] (the "
                              f"answer speech inputs replaced by the model's own codes; 0 = off)")
@@ -82,14 +79,19 @@ class LMSolver(Solver):
         if self.self_feed_scope not in ("all", "last"):
             raise ValueError(f"solver.self_feed_scope={self.self_feed_scope!r} must be 'all' (every answer's "
                              f"speech) or 'last' (only the answer after the last <|assistant|>)")
-        try:
-            self.self_feed_temperature = float(self.settings.get("self_feed_temperature", 0.0) or 0.0)
-        except (TypeError, ValueError):
-            self.self_feed_temperature = math.nan
+        self.self_feed_temperature = self._number("self_feed_temperature")
         if not self.self_feed_temperature >= 0.0:
             raise ValueError(f"solver.self_feed_temperature={self.settings.get('self_feed_temperature')} must be "
                              f"a number >= 0 (0 = the model's top-1 code; > 0 = sample at that temperature)")
         self._prepared = False
+
+    def _number(self, key: str) -> float:
+        """A numeric setting (unset or null = 0); NaN when it is not a number, so the caller's range
+        check gives the clear error."""
+        try:
+            return float(self.settings.get(key, 0.0) or 0.0)
+        except (TypeError, ValueError):
+            return math.nan
 
     # --- shared set-up (tokenizer and geometry are needed by both model and data) --------------
     def _prepare(self) -> None:
