@@ -31,6 +31,17 @@ def load_rows(path: Path) -> dict[tuple[str, int], dict]:
     return {(e["dialogue"], e["exchange"]): e for d in report["dialogues"] for e in d["exchanges"]}
 
 
+def labels(paths: list[Path]) -> dict[Path, str]:
+    """Each report's name in the tables: its folder, with as many parent folders as it takes to
+    tell the reports apart (runs/x/cand-a/eval-42 and runs/x/cand-b/eval-42 -> cand-a/eval-42, ...)."""
+    depth = 1
+    while True:
+        names = {path: "/".join(path.resolve().parent.parts[-depth:]) for path in paths}
+        if len(set(names.values())) == len(paths) or depth >= max(len(p.resolve().parent.parts) for p in paths):
+            return names
+        depth += 1
+
+
 def in_group(row: dict, group: str) -> bool:
     if group == "all":
         return True
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     tables = {path: load_rows(path) for path in args.reports}
     base_path = args.reports[0]
     base = tables[base_path]
+    name = labels(args.reports)
     for path, rows in tables.items():
         if set(rows) != set(base):
             raise SystemExit(f"{path} and {base_path} score different exchanges: compare reports of the same "
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             members = [r for r in rows.values() if in_group(r, group)]
             cells.append(f"{fmt(spoken_wer(members))} ({len(members)})")
         right = sum(bool(r.get("correct")) for r in held)
-        print(f"| {path.parent.name} | {right}/{len(held)} | " + " | ".join(cells) + " |")
+        print(f"| {name[path]} | {right}/{len(held)} | " + " | ".join(cells) + " |")
 
     print("\nSpoken WER on the answers whose text equals the base's (base -> candidate):")
     print("| candidate | " + " | ".join(f"{g} (n)" for g in GROUPS) + " |")
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             keys = [k for k in same if in_group(rows[k], group)]
             cells.append(f"{fmt(spoken_wer([base[k] for k in keys]))} -> {fmt(spoken_wer([rows[k] for k in keys]))} "
                          f"({len(keys)})")
-        print(f"| {path.parent.name} | " + " | ".join(cells) + " |")
+        print(f"| {name[path]} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
