@@ -17,7 +17,7 @@ go on speaking the text after a code of its own went astray, as it must when it 
 the answer after a sequence's last `<|assistant|>` (the one being spoken; the history's answers
 keep their recorded codes, which style requests copy); `all` feeds every answer.
 `self_feed_temperature` > 0 samples the fed code from the model's speech distribution at that
-temperature instead of taking its top-1, a stronger perturbation nearer to free running.
+temperature instead of taking its top-1, so that inputs change also where the top-1 is right.
 Validation adds greedy, layout-enforced generation on the first `eval_generate` validation
 dialogues: `answer_text_accuracy` (exact text of the last answer) and `speech_token_accuracy`
 (position-wise match of its speech codes).
