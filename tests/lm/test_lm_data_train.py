@@ -280,10 +280,23 @@ def test_tiny_model_overfits_and_greedy_generation_reproduces_the_answers(tmp_pa
     assert again == generated
 
 
-def _self_fed_batch(tmp_path, **solver_settings):
+def test_samples_know_whether_their_last_answer_is_spoken_in_a_style(tokenizer):
+    v = Vocabulary.voicelm(tokenizer.vocab_size, 64)
+    samples = SampleBuilder(v, tokenizer, DataOptions(max_length=1024, tasks=("dialogue", "tts", "restyle"))).build(
+        _styled_dialogues())
+    styled = {f"d{i}": i in (10, 11) for i in (0, 1, 2, 3, 9, 10, 11)}   # d10 ends slow, d11 fast
+    assert {s.source: s.styled for s in samples["dialogue"]} == styled
+    # a TTS sample is styled as the answer it speaks; d10's and d11's first answers are plain
+    assert {s.source for s in samples["tts"] if s.styled} == {"d10:3", "d11:3"}
+    assert samples["restyle"] and all(s.styled for s in samples["restyle"])
+    batch = collate(samples["dialogue"], v.pad_id)
+    assert batch["styled"].tolist() == [styled[s.source] for s in samples["dialogue"]]
+
+
+def _self_fed_batch(tmp_path, dialogues=None, **solver_settings):
     """A solver with these settings, its random tiny model, one training batch (ids, labels,
     mask), the speech id range and the model's teacher-forced top-1 speech code at each place."""
-    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues() if dialogues is None else dialogues)
     solver = LMSolver(_cfg(manifest, **solver_settings))
     model = solver.build_model()
     batch = next(iter(solver.build_dataloaders()[0]))
@@ -374,12 +387,33 @@ def test_self_feed_temperature_samples_speech_codes_instead_of_the_top_1(tmp_pat
     assert torch.equal(fed_cold[:, 1:][answer_speech], own[answer_speech])
 
 
+def test_self_feed_styled_false_leaves_styled_answers_recorded(tmp_path):
+    solver, model, batch, (ids, labels, mask), (lo, hi), own = _self_fed_batch(
+        tmp_path, _styled_dialogues(), self_feed=1.0, self_feed_styled=False, batch_size=16)
+    styled = batch["styled"]
+    assert styled.any() and not styled.all()
+    answer_speech = (labels[:, 1:] >= lo) & (labels[:, 1:] < hi)
+    fed, _ = solver.self_fed_inputs(model, ids, labels, mask, styled)
+    plain_rows = answer_speech & ~styled.view(-1, 1)
+    assert torch.equal(fed[:, 1:][plain_rows], own[plain_rows])
+    assert torch.equal(fed[styled], ids[styled])
+    # training honours the setting: rows of styled answers only are not fed; plain rows are
+    model.train()
+    unfed = LMSolver(_cfg(tmp_path / "d.jsonl", batch_size=16))
+    unfed._prepare()
+    for rows, fed_here in ((styled, False), (~styled, True)):
+        part = {k: t[rows] for k, t in batch.items()}
+        same = torch.allclose(solver.compute_loss(model, part)["loss"], unfed.compute_loss(model, part)["loss"])
+        assert same != fed_here
+
+
 @pytest.mark.parametrize("setting, match", [
+    (dict(self_feed_styled="no"), r"solver.self_feed_styled='no' must be true .* or false"),
     (dict(self_feed_scope="history"), r"solver.self_feed_scope='history' must be 'all' .* or 'last'"),
     (dict(self_feed_temperature=-1.0), r"solver.self_feed_temperature=-1.0 must be a number >= 0"),
     (dict(self_feed_temperature="hot"), r"solver.self_feed_temperature=hot must be a number >= 0"),
 ])
-def test_bad_self_feed_scope_or_temperature_is_a_clear_error(tmp_path, setting, match):
+def test_bad_self_feed_scope_temperature_or_styled_is_a_clear_error(tmp_path, setting, match):
     manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
     with pytest.raises(ValueError, match=match):
         LMSolver(_cfg(manifest, self_feed=1.0, **setting))

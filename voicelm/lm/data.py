@@ -159,6 +159,7 @@ class LMSample:
     labels: list[int]          # same length; IGNORE_INDEX where no loss
     task: str
     source: str                # dialogue id (and turn) it came from
+    styled: bool = False       # its last answer is spoken in a style ("slow", ...), not plainly
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -207,7 +208,7 @@ class SampleBuilder:
         return interleave(self.vocab, text_ids, speech, self.options.text_tokens, self.options.speech_tokens)
 
     def _assemble(self, system: str | None, exchanges: list[tuple[list[int], list[int]]], task: str,
-                  source: str) -> LMSample:
+                  source: str, styled: bool = False) -> LMSample:
         """exchanges: (user part incl. assistant header, answer) pairs; the answer and its stop
         token get the loss. The `<|user|>` that opens the next user turn is the stop token of the
         answer before it (one token, as in a generated conversation); the last answer gets its own."""
@@ -223,15 +224,15 @@ class SampleBuilder:
             labels += exchange[2] if len(exchange) > 2 else answer  # (user, answer, labels): a masked answer
         ids.append(self.vocab.user_id)
         labels.append(self.vocab.user_id)
-        return LMSample(ids, labels, task, source)
+        return LMSample(ids, labels, task, source, styled)
 
-    def _fit(self, system: str | None, exchanges, task: str, source: str) -> LMSample | None:
-        sample = self._assemble(system, exchanges, task, source)
+    def _fit(self, system: str | None, exchanges, task: str, source: str, styled: bool = False) -> LMSample | None:
+        sample = self._assemble(system, exchanges, task, source, styled)
         dropped = 0
         while len(sample) > self.options.max_length and len(exchanges) > 1:
             exchanges = exchanges[1:]
             dropped += 1
-            sample = self._assemble(system, exchanges, task, source)
+            sample = self._assemble(system, exchanges, task, source, styled)
         if len(sample) > self.options.max_length:
             self.stats.skipped_too_long += 1
             log.warning("%s sample %s: %d tokens even with one exchange > max_length %d; skipped",
@@ -248,7 +249,9 @@ class SampleBuilder:
     # --- samples --------------------------------------------------------------------------------
     def dialogue_sample(self, dialogue: Dialogue, task: str = "dialogue") -> LMSample | None:
         made = self._exchanges(dialogue)
-        return None if made is None else self._fit(made[0], made[1], task, dialogue.id)
+        answers = [t for t in dialogue.turns if t.role == "assistant"]
+        styled = bool(answers) and _styled(answers[-1])
+        return None if made is None else self._fit(made[0], made[1], task, dialogue.id, styled)
 
     def _exchanges(self, dialogue: Dialogue) -> tuple[str, list] | None:
         """(system, [(user part + assistant header, interleaved answer)]) of a dialogue, or None
@@ -302,7 +305,7 @@ class SampleBuilder:
             return None
         system, (*earlier, (user, answer)) = made
         exchanges = [(u, a, [IGNORE_INDEX] * len(a)) for u, a in earlier] + [(user, answer, self._speech_labels(answer))]
-        return self._fit(system, exchanges, "voicing", f"{dialogue.id}:voicing")
+        return self._fit(system, exchanges, "voicing", f"{dialogue.id}:voicing", _styled(original))
 
     def restyle_sample(self, dialogue: Dialogue, bank: "AnswerBank") -> LMSample | None:
         """The first question of `dialogue`, a random recorded answer, a style request, that answer
@@ -320,7 +323,8 @@ class SampleBuilder:
         if made is None:
             return None
         system, ((q, first), second) = made
-        return self._fit(system, [(q, first, [IGNORE_INDEX] * len(first)), second], "restyle", f"{dialogue.id}:restyle")
+        return self._fit(system, [(q, first, [IGNORE_INDEX] * len(first)), second], "restyle", f"{dialogue.id}:restyle",
+                         _styled(turns[-1]))
 
     def asr_samples(self, dialogue: Dialogue) -> list[LMSample]:
         out = []
@@ -343,7 +347,7 @@ class SampleBuilder:
             user_part = user_ids(self.vocab, self.tokenizer, UserTurn(text=turn.text))
             answer = self.vocab.speech_ids(turn.tokens)
             sample = self._fit(SYSTEM_TTS, [(user_part + assistant_header(self.vocab, self.tokenizer), answer)],
-                               "tts", f"{dialogue.id}:{i}")
+                               "tts", f"{dialogue.id}:{i}", _styled(turn))
             if sample is not None:
                 out.append(sample)
         return out
@@ -486,8 +490,14 @@ class AnswerBank:
         return text, rng.choice(plain), rng.choice(self.requests[style]), rng.choice(styled), style
 
 
+def _styled(turn: DialogueTurn) -> bool:
+    """An assistant turn spoken in a style ("slow", ...) rather than plainly."""
+    return (turn.style or "normal") != "normal"
+
+
 def collate(samples: Sequence[LMSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample: input_ids (B, T), attention_mask (B, T), labels (B, T)."""
+    """Right-pad to the longest sample: input_ids (B, T), attention_mask (B, T), labels (B, T);
+    and styled (B,), bool: the row's last answer is spoken in a style."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     length = max(len(s) for s in samples)
@@ -498,7 +508,8 @@ def collate(samples: Sequence[LMSample], pad_id: int) -> dict[str, torch.Tensor]
         ids[row, :len(s)] = torch.tensor(s.input_ids)
         labels[row, :len(s)] = torch.tensor(s.labels)
         mask[row, :len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    styled = torch.tensor([s.styled for s in samples], dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "styled": styled}
 
 
 class MixtureBatches:

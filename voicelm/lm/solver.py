@@ -5,7 +5,8 @@ Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `v
 `text_tokenizer` (a file; none = train a BPE of `lm.text_vocab_size` on the training text),
 `init_from` (a voicelm checkpoint to fine-tune: its geometry, vocabulary and tokenizer win over
 `cfg.lm`), `mix` (task weights, of voicelm.lm.data.TASKS), `respoken_max`, `max_length`,
-`text_input_ratio`, `eval_generate`, `self_feed`, `self_feed_scope`, `self_feed_temperature`.
+`text_input_ratio`, `eval_generate`, `self_feed`, `self_feed_scope`, `self_feed_temperature`,
+`self_feed_styled`.
 
 Loss: next-token cross-entropy on the assistant answers and their stop token only; `text_loss`
 and `speech_loss` split it by the target's kind (text + stop tokens vs speech tokens).
@@ -16,6 +17,8 @@ go on speaking the text after a code of its own went astray, as it must when it 
 `self_fed` logs the share of answer speech inputs that changed. `self_feed_scope: last` feeds only
 the answer after a sequence's last `<|assistant|>` (the one being spoken; the history's answers
 keep their recorded codes, which style requests copy); `all` feeds every answer.
+`self_feed_styled: false` leaves unfed the sequences whose last answer is spoken in a style
+("slow", ...; `LMSample.styled`): a styled answer re-times codes it reads from its input.
 `self_feed_temperature` > 0 samples the fed code from the model's speech distribution at that
 temperature instead of taking its top-1, so that inputs change also where the top-1 is right.
 Validation adds greedy, layout-enforced generation on the first `eval_generate` validation
@@ -83,6 +86,10 @@ class LMSolver(Solver):
         if not self.self_feed_temperature >= 0.0:
             raise ValueError(f"solver.self_feed_temperature={self.settings.get('self_feed_temperature')} must be "
                              f"a number >= 0 (0 = the model's top-1 code; > 0 = sample at that temperature)")
+        self.self_feed_styled = self.settings.get("self_feed_styled", True)
+        if not isinstance(self.self_feed_styled, bool):
+            raise ValueError(f"solver.self_feed_styled={self.self_feed_styled!r} must be true (feed every sequence) "
+                             f"or false (leave sequences whose last answer is spoken in a style unfed)")
         self._prepared = False
 
     def _number(self, key: str) -> float:
@@ -188,7 +195,8 @@ class LMSolver(Solver):
         attention_mask = batch["attention_mask"].to(device)
         fed = None
         if self.self_feed > 0 and model.training and torch.is_grad_enabled():
-            ids, fed = self.self_fed_inputs(model, ids, labels, attention_mask)
+            styled = batch["styled"].to(device) if not self.self_feed_styled else None
+            ids, fed = self.self_fed_inputs(model, ids, labels, attention_mask, styled)
         out = model(input_ids=ids, attention_mask=attention_mask)
         logits = out.logits[:, :-1].float()          # (B, T-1, V): position t predicts t+1
         target = labels[:, 1:]                       # (B, T-1)
@@ -212,9 +220,11 @@ class LMSolver(Solver):
         return metrics
 
     def self_fed_inputs(self, model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
-                        attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        attention_mask: torch.Tensor,
+                        keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`ids` with a `self_feed` share of its answer speech tokens (speech positions with a
-        label; with `self_feed_scope: last`, only those after the row's last `<|assistant|>`)
+        label; with `self_feed_scope: last`, only those after the row's last `<|assistant|>`;
+        none in the rows where `keep` (B,) is true)
         replaced by the model's own speech code there, teacher-forced: its top-1, or a sample at
         `self_feed_temperature`; and the share of those inputs that changed. Each position is
         picked independently; the labels are untouched, so the loss still asks for the recorded
@@ -226,6 +236,8 @@ class LMSolver(Solver):
             place = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
             last = torch.where(ids == self.vocab.assistant_id, place, -1).max(dim=1, keepdim=True).values
             answer_speech &= place[:, 1:] > last
+        if keep is not None:
+            answer_speech &= ~keep.view(-1, 1)
         if not bool(answer_speech.any()):
             return ids, torch.zeros(())
         with torch.no_grad():
