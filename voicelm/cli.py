@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert", "glm4voice-decoder"): ("decoder.convert", "convert the official glm-4-voice-decoder (flow.pt, hift.pt) into a voicelm decoder"),
     ("convert", "glm4voice-lm"): ("voicelm.lm.convert", "convert the official glm-4-voice-9b (ChatGLM shards) into a voicelm LM"),
     ("lm", "average"): ("voicelm.lm.average", "average LM checkpoints of one geometry and tokenizer (a model soup)"),
+    ("lm", "grow"): ("voicelm.lm.grow", "a deeper LM with the same function: inserted layers start silent"),
     ("decoder", "average"): ("decoder.average", "average the flows of decoder checkpoints of one geometry (a model soup)"),
     ("data", "synth"): ("voicelm.data.synth", "render text to speech (espeak-ng, piper) into wavs + a JSONL manifest"),
     ("data", "dialogues"): ("voicelm.data.dialogues", "generate the spoken dialogue corpus of the demo recipe"),
