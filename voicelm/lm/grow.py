@@ -20,7 +20,7 @@ import os
 import torch
 
 from voicelm.core.averaging import DTYPES, refuse_existing_out
-from voicelm.lm.model import VoiceLM, build_glm
+from voicelm.lm.model import VoiceLM, build_glm, count_parameters
 
 ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
@@ -50,7 +50,8 @@ def grow_lm(lm: VoiceLM, num_layers: int) -> VoiceLM:
     """A `num_layers`-deep VoiceLM (float32) whose logits equal `lm`'s; `lm` is not changed."""
     sources = new_layer_sources(lm.config.num_layers, num_layers)
     config = dataclasses.replace(lm.config, num_layers=num_layers)
-    grown = VoiceLM(config, build_glm(config, seed=0), lm.text_tokenizer)
+    # a float32 scratch model in eval mode; every weight is replaced below (no reseeding of the global RNG)
+    grown = VoiceLM(config, build_glm(config), lm.text_tokenizer)
     old_state = {k: v.detach().float() for k, v in lm.model.state_dict().items()}
     prefix = "model.layers."
     state = {k: v.clone() for k, v in old_state.items() if not k.startswith(prefix)}
@@ -66,9 +67,7 @@ def grow_lm(lm: VoiceLM, num_layers: int) -> VoiceLM:
             if inserted and name in ZEROED:
                 value.zero_()
             state[f"{prefix}{new_index}.{name}"] = value
-    grown.model.float()
     grown.load_state(state, where=f"grown {lm.config.num_layers} -> {num_layers} layers")
-    grown.model.eval()
     return grown
 
 
@@ -91,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     except GrowError as exc:
         raise SystemExit(f"voicelm lm grow: {exc}") from None
     grown.save_pretrained(out, dtype=DTYPES[args.dtype])
-    added = sum(p.numel() for p in grown.model.parameters()) - sum(p.numel() for p in lm.model.parameters())
+    added = count_parameters(grown.model) - count_parameters(lm.model)
     print(f"grew {args.checkpoint} from {lm.config.num_layers} to {args.layers} layers (+{added / 1e6:.1f} M "
           f"parameters, the function unchanged) into {out} ({args.dtype})")
     return 0
