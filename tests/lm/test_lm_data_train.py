@@ -463,6 +463,45 @@ def test_through_the_harness_then_fine_tune_with_init_from(tmp_path):
     assert changed   # fine-tuning moved the weights
 
 
+def test_lr_scale_layers_train_the_chosen_layers_faster(tmp_path):
+    """What a grown LM's inserted layers need: the listed decoder layers move about
+    `layers_lr_scale` times as far as with the base lr, the other layers about as far."""
+    from voicelm.train import compose_config, train
+
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    common = ["solver=lm", "lm=tiny", f"solver.train_manifest={manifest}", "solver.steps=4", "solver.batch_size=4",
+              "solver.warmup_steps=0", "solver.lr=1e-4", "solver.eval_every=null", "solver.checkpoint_every=null",
+              "solver.eval_generate=0"]
+    start = train(compose_config([*common, "solver.steps=1", f"run_dir={tmp_path / 'start'}"])).export_dir
+    before = VoiceLM.from_pretrained(start).model.state_dict()
+
+    def moved(run: str, *extra: str) -> tuple[float, float]:
+        out = train(compose_config([*common, f"run_dir={tmp_path / run}", f"solver.init_from={start}", *extra]))
+        after = VoiceLM.from_pretrained(out.export_dir).model.state_dict()
+        by_layer = {0: 0.0, 1: 0.0}
+        for key, value in after.items():
+            if key.startswith("model.layers."):
+                by_layer[int(key.split(".")[2])] += float((value - before[key]).abs().sum())
+        return by_layer[0], by_layer[1]
+
+    base0, base1 = moved("base")
+    fast0, fast1 = moved("fast", "solver.lr_scale_layers=[1]", "solver.layers_lr_scale=10")
+    assert fast1 > 4 * base1
+    assert 0.5 < fast0 / base0 < 2
+
+
+@pytest.mark.parametrize("setting, match", [
+    (dict(lr_scale_layers=[5]), r"solver.lr_scale_layers has \[5\], but the model has 2 decoder layers"),
+    (dict(lr_scale_layers="2,5"), r"solver.lr_scale_layers='2,5' must be a list of decoder layer indices"),
+    (dict(lr_scale_layers=[1], layers_lr_scale=-2.0), r"solver.layers_lr_scale=-2.0 must be a number > 0"),
+])
+def test_bad_lr_scale_layers_is_a_clear_error(tmp_path, setting, match):
+    manifest = write_dialogues(tmp_path / "d.jsonl", _dialogues())
+    with pytest.raises(ValueError, match=match):
+        solver = LMSolver(_cfg(manifest, **setting))
+        solver.optimizer_groups(solver.build_model())
+
+
 def test_generation_metrics_skip_a_history_whose_speech_cannot_follow_its_text(tmp_path):
     # The earlier answer has 30 text-ish words but only 3 speech tokens: it cannot be laid out
     # 13:26, so the dialogue is skipped (as the dataset builder skips it), not an error.

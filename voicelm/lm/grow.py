@@ -93,4 +93,7 @@ def main(args: argparse.Namespace) -> int:
     added = count_parameters(grown.model) - count_parameters(lm.model)
     print(f"grew {args.checkpoint} from {lm.config.num_layers} to {args.layers} layers (+{added / 1e6:.1f} M "
           f"parameters, the function unchanged) into {out} ({args.dtype})")
+    inserted = [i for i, source in enumerate(new_layer_sources(lm.config.num_layers, args.layers)) if source is None]
+    print(f"inserted layers {inserted}: to train them faster than the rest, fine-tune with "
+          f"solver.init_from={out} solver.lr_scale_layers=[{','.join(map(str, inserted))}] solver.layers_lr_scale=10")
     return 0

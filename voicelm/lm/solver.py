@@ -6,7 +6,7 @@ Settings (`conf/solver/lm.yaml`): data (`train_manifest`, `valid_manifest` or `v
 `init_from` (a voicelm checkpoint to fine-tune: its geometry, vocabulary and tokenizer win over
 `cfg.lm`), `mix` (task weights, of voicelm.lm.data.TASKS), `respoken_max`, `max_length`,
 `text_input_ratio`, `eval_generate`, `self_feed`, `self_feed_scope`, `self_feed_temperature`,
-`self_feed_styled`.
+`self_feed_styled`, `lr_scale_layers` and `layers_lr_scale`.
 
 Loss: next-token cross-entropy on the assistant answers and their stop token only; `text_loss`
 and `speech_loss` split it by the target's kind (text + stop tokens vs speech tokens).
@@ -21,6 +21,8 @@ keep their recorded codes, which style requests copy); `all` feeds every answer.
 ("slow", ...; `LMSample.styled`): a styled answer re-times codes it reads from its input.
 `self_feed_temperature` > 0 samples the fed code from the model's speech distribution at that
 temperature instead of taking its top-1, so that inputs change also where the top-1 is right.
+`lr_scale_layers` (decoder layer indices, e.g. the ones `voicelm lm grow` inserted) are trained at
+`layers_lr_scale` x `solver.lr`, the rest of the model at `solver.lr`, on one schedule.
 Validation adds greedy, layout-enforced generation on the first `eval_generate` validation
 dialogues: `answer_text_accuracy` (exact text of the last answer) and `speech_token_accuracy`
 (position-wise match of its speech codes).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -90,7 +93,38 @@ class LMSolver(Solver):
         if not isinstance(self.self_feed_styled, bool):
             raise ValueError(f"solver.self_feed_styled={self.self_feed_styled!r} must be true (feed every sequence) "
                              f"or false (leave sequences whose last answer is spoken in a style unfed)")
+        layers = self.settings.get("lr_scale_layers") or []
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                   for i in layers):
+            raise ValueError(f"solver.lr_scale_layers={layers!r} must be a list of decoder layer indices, e.g. "
+                             f"solver.lr_scale_layers=[2,5,8,11] (what `voicelm lm grow` printed)")
+        self.lr_scale_layers = sorted(set(layers))
+        self.layers_lr_scale = self._number("layers_lr_scale") if "layers_lr_scale" in self.settings else 1.0
+        if not self.layers_lr_scale > 0:
+            raise ValueError(f"solver.layers_lr_scale={self.settings.get('layers_lr_scale')} must be a number > 0 "
+                             f"(the lr of solver.lr_scale_layers relative to solver.lr)")
         self._prepared = False
+
+    def optimizer_groups(self, model: nn.Module) -> dict[str, Any]:
+        """One AdamW; with `lr_scale_layers`, those decoder layers form a torch parameter group at
+        `layers_lr_scale` x the lr."""
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.lr_scale_layers:
+            return {"main": [p for _, p in trainable]}
+        depth = self.lm_config.num_layers
+        outside = [i for i in self.lr_scale_layers if i >= depth]
+        if outside:
+            raise ValueError(f"solver.lr_scale_layers has {outside}, but the model has {depth} decoder layers "
+                             f"(0..{depth - 1})")
+        chosen = set(self.lr_scale_layers)
+
+        def layer_of(name: str) -> int | None:
+            found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+            return int(found.group(1)) if found else None
+
+        scaled = [p for n, p in trainable if layer_of(n) in chosen]
+        rest = [p for n, p in trainable if layer_of(n) not in chosen]
+        return {"main": {"params": [{"params": rest}, {"params": scaled, "lr_scale": self.layers_lr_scale}]}}
 
     def _number(self, key: str) -> float:
         """A numeric setting (unset or null = 0); NaN when it is not a number, so the caller's range

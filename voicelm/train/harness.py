@@ -155,16 +155,31 @@ class _Trainer:
         for name, spec in groups.items():
             # A group is a list of parameters, or a dict {"params": [...], "lr"/"weight_decay"/"betas": ...}
             # overriding cfg.solver for that optimizer (e.g. a GAN discriminator's own lr).
+            # "params" may also be a list of {"params": [...], "lr_scale": k} parts: torch parameter
+            # groups of one optimizer, each at k x the group's lr through warmup and decay.
             spec = dict(spec) if isinstance(spec, Mapping) else {"params": spec}
-            params = [p for p in spec.pop("params") if p.requires_grad]
-            if not params:
-                raise TrainingError(f"optimizer group {name!r} has no trainable parameters")
+            raw = list(spec.pop("params"))
+            parts = raw if raw and all(isinstance(x, Mapping) for x in raw) else [{"params": raw}]
             unknown = set(spec) - {"lr", "weight_decay", "betas"}
             if unknown:
                 raise TrainingError(f"optimizer group {name!r} has unknown options {sorted(unknown)}; allowed: lr, weight_decay, betas")
+            lr = float(spec.get("lr", self.optim.lr))
+            torch_groups, params = [], []
+            for part in parts:
+                part = dict(part)
+                trainable = [p for p in part.pop("params") if p.requires_grad]
+                scale = float(part.pop("lr_scale", 1.0))
+                if part or not math.isfinite(scale) or scale <= 0:
+                    raise TrainingError(f"optimizer group {name!r}: a part may set only a positive lr_scale, got "
+                                        f"{sorted(part) or scale}")
+                if trainable:
+                    torch_groups.append({"params": trainable, "lr": lr * scale})
+                    params += trainable
+            if not params:
+                raise TrainingError(f"optimizer group {name!r} has no trainable parameters")
             opt = torch.optim.AdamW(
-                params,
-                lr=float(spec.get("lr", self.optim.lr)),
+                torch_groups,
+                lr=lr,
                 weight_decay=float(spec.get("weight_decay", self.optim.weight_decay)),
                 betas=tuple(spec.get("betas", self.optim.betas)),
             )
