@@ -489,6 +489,15 @@ def test_lr_scale_layers_train_the_chosen_layers_faster(tmp_path):
     assert fast1 > 4 * base1
     assert 0.5 < fast0 / base0 < 2
 
+    # killed and resumed, the chosen layers keep their 10 x through the rest of the schedule
+    scaled = [*common, "solver.steps=8", "solver.checkpoint_every=4", f"run_dir={tmp_path / 'resumed'}",
+              f"solver.init_from={start}", "solver.lr_scale_layers=[1]", "solver.layers_lr_scale=10"]
+    train(compose_config(scaled), stop_after=5)
+    assert train(compose_config(scaled)).resumed_from == 4
+    state = torch.load(tmp_path / "resumed/checkpoints/last/training_state.pt", weights_only=True)
+    rest, chosen = state["optimizers"]["main"]["param_groups"]
+    assert 0 < rest["lr"] < 1e-4 and chosen["lr"] == pytest.approx(10 * rest["lr"])
+
 
 @pytest.mark.parametrize("setting, match", [
     (dict(lr_scale_layers=[5]), r"solver.lr_scale_layers has \[5\], but the model has 2 decoder layers"),

@@ -471,7 +471,8 @@ class _Trainer:
                         self.solver_name, old_steps, o.steps, how)
         self.schedule_origins = origins
         for name, sched in self.schedulers.items():
-            sched.lr_lambdas = [make_schedule(o.steps, o.warmup_steps, o.min_lr_ratio, origins.get(name))]
+            # one multiplier per torch parameter group (a group at lr_scale x the lr follows the same curve)
+            sched.lr_lambdas = [make_schedule(o.steps, o.warmup_steps, o.min_lr_ratio, origins.get(name))] * len(sched.base_lrs)
 
     # --- export -------------------------------------------------------------------------------
     def _export(self) -> Path | None:
