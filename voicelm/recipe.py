@@ -137,6 +137,10 @@ def _validate(cfg: dict, path: Path) -> None:
         problems.append(f"threads must be null or an integer >= 1 (got {threads!r})")
     if not isinstance(data.get("jobs", 1), int) or data.get("jobs", 1) < 1:
         problems.append(f"data.jobs must be an integer >= 1 (got {data.get('jobs')!r})")
+    from voicelm.data.dialogue_text import ANSWER_ORDERS
+
+    if data.get("answer_order", "asked") not in ANSWER_ORDERS:
+        problems.append(f"data.answer_order must be one of {list(ANSWER_ORDERS)} (got {data.get('answer_order')!r})")
     for stage in TRAIN_STAGES:
         overrides = cfg["train"].get(stage)
         if stage in OPTIONAL_STAGES and overrides is None:
@@ -422,7 +426,7 @@ class Recipe:
 
         d = self.cfg["data"]
         dialogues = build_corpus(self.data_dir, train=d["train"], heldout=d["heldout"], seed=self.cfg["seed"],
-                                 jobs=d.get("jobs", 1), progress=sys.stderr.isatty())
+                                 jobs=d.get("jobs", 1), progress=sys.stderr.isatty(), answer_order=self._answer_order())
         user, assistant = self.data_dir / "user.jsonl", self.data_dir / "assistant.jsonl"
         # The tokenizer hears both sides: user voices (espeak, piper) and the assistant's voice,
         # whose tokens train the decoder and the LM's answers.
@@ -438,7 +442,12 @@ class Recipe:
         if count <= 0:
             return []
         return [write_text_dialogues(self.data_dir / TEXT_DIALOGUES_NAME, count, self.cfg["seed"],
-                                     follow_up_drills=int(self.cfg["data"].get("follow_up_drills") or 0))]
+                                     follow_up_drills=int(self.cfg["data"].get("follow_up_drills") or 0),
+                                     answer_order=self._answer_order())]
+
+    def _answer_order(self) -> str:
+        """data.answer_order: how every generated answer restates a sum or product."""
+        return str(self.cfg["data"].get("answer_order") or "asked")
 
     def _train(self, stage: str, extra: list[str]) -> Path:
         from voicelm.train import compose_config, train
@@ -525,7 +534,7 @@ class Recipe:
         if count > 0:
             build_voiced_corpus(self.data_dir / "voiced", count=count, skip=self.cfg["data"]["train"], seed=seed,
                                 jobs=jobs, min_answer_words=int(voiced.get("min_answer_words", 0)),
-                                progress=progress)
+                                progress=progress, answer_order=self._answer_order())
             corpora.append("voiced")
         if drills > 0:
             build_drill_corpus(self.data_dir / "drills", count=drills, seed=seed, jobs=jobs, progress=progress)

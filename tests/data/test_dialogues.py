@@ -81,6 +81,46 @@ def test_generation_is_deterministic_and_splits_are_distinct():
         next(generate_dialogues(1, "test", seed=0))
 
 
+def test_small_first_restates_first_sums_and_products_only(tmp_path):
+    words = {number_words(n): n for n in range(1000)}
+    asked = list(generate_dialogues(600, "train", seed=3))
+    small = list(generate_dialogues(600, "train", seed=3, answer_order="small_first"))
+    assert [(i, [e.user for e in ex]) for i, ex in asked] == [(i, [e.user for e in ex]) for i, ex in small]
+    restated = 0
+    for (_, ex_asked), (_, ex_small) in zip(asked, small):
+        for k, (a, s) in enumerate(zip(ex_asked, ex_small)):
+            assert (a.answer, a.task, a.style, a.split) == (s.answer, s.task, s.style, s.split)
+            left, result = a.assistant.rstrip(".").split(" is ") if " is " in a.assistant else (a.assistant, "")
+            op = next((op for op in ("plus", "times") if f" {op} " in left), None)
+            first_arith = a.task == "arithmetic" or (a.task == "style" and k == 1 and ex_asked[0].task == "arithmetic")
+            if first_arith and op and words[left.split(f" {op} ")[0]] > words[left.split(f" {op} ")[1]]:
+                x, y = left.split(f" {op} ")
+                assert s.assistant == f"{y} {op} {x} is {result}."
+                restated += 1
+            else:
+                assert s.assistant == a.assistant, (a, s)
+    assert restated > 50
+    text = read_dialogues(write_text_dialogues(tmp_path / "text.jsonl", 600, seed=3, follow_up_drills=20,
+                                               answer_order="small_first"))
+    assert [t.text for t in text[0].turns] == [e for ex in small[0][1] for e in (ex.user, ex.assistant)]
+    for _, ex in follow_up_drills(20, seed=3, answer_order="small_first"):
+        left = ex[0].assistant.split(" is ")[0]
+        for op in ("plus", "times"):
+            if f" {op} " in left:
+                x, y = left.split(f" {op} ")
+                assert words[x] <= words[y]
+
+
+def test_unknown_answer_order_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="answer_order must be one of asked, small_first, got 'sorted'"):
+        next(generate_dialogues(1, "train", seed=0, answer_order="sorted"))
+    with pytest.raises(SynthError, match="answer_order"):
+        build_corpus(tmp_path / "c", train=1, heldout=0, answer_order="sorted")
+    with pytest.raises(SynthError, match="answer_order"):
+        write_text_dialogues(tmp_path / "t.jsonl", 5, answer_order="sorted")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "t.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_corpus_renders_users_and_a_single_assistant_voice(tmp_path):
     path = build_corpus(tmp_path / "corpus", train=2, heldout=1, seed=0)

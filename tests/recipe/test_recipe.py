@@ -234,6 +234,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         load_recipe_config("smoke", ["voiced.repeat_drills=many"])
     with pytest.raises(RecipeError, match=r"voiced.decoder must be true or false \(got 'yes please'\)"):
         load_recipe_config("smoke", ["voiced.decoder='yes please'"])
+    with pytest.raises(RecipeError, match=r"data.answer_order must be one of \['asked', 'small_first'\] \(got 'sorted'\)"):
+        load_recipe_config("smoke", ["data.answer_order=sorted"])
+    assert load_recipe_config("demo", ["data.answer_order=small_first"])["data"]["answer_order"] == "small_first"
     with pytest.raises(RecipeError, match="unknown stage"):
         select_stages("data,tokeniser", None)
     with pytest.raises(RecipeError, match="unknown stage"):

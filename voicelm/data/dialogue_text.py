@@ -15,7 +15,12 @@ training data makes learnable:
 model learns to repeat what it hears rather than the adjective-noun pairs it has heard before;
 `follow_up_drills` adds text-only chains of follow-ups, so that it sees the rare facts on
 three-digit results often enough to answer them.
-Everything is a pure function of the seed.
+`answer_order="small_first"` restates a question's sum or product with the smaller operand first
+("thirteen times eight?" -> "eight times thirteen is one hundred four."): a small LM learns the
+product table per operand order and misses held-out orders whose twin it knows; restated, the
+held-out order needs only a sort (which it does learn) and a fact it was trained on.
+Everything is a pure function of the seed (the answer order changes answers, never which
+dialogues are drawn).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ ADJECTIVES = ["big", "small", "red", "blue", "green", "happy", "old", "new", "wa
 NOUNS = ["cat", "dog", "tree", "house", "car", "bird", "fish", "book", "cup", "hat", "boat", "star"]
 
 HELD_OUT_SHARE = 0.1  # of the combinations of each kind
+ANSWER_ORDERS = ("asked", "small_first")  # how an answer restates a sum or product (module docstring)
 
 
 def number_words(n: int) -> str:
@@ -92,6 +98,20 @@ def _arith_answer(a: int, op: str, b: int) -> tuple[str, int]:
     return f"{number_words(a)} {op} {number_words(b)} is {number_words(r)}.", r
 
 
+def check_answer_order(answer_order: str) -> str:
+    if answer_order not in ANSWER_ORDERS:
+        raise ValueError(f"answer_order must be one of {', '.join(ANSWER_ORDERS)}, got {answer_order!r}")
+    return answer_order
+
+
+def question_answer(a: int, op: str, b: int, answer_order: str = "asked") -> tuple[str, int]:
+    """The answer to the question "a op b?" and its result. With `answer_order="small_first"` a sum or
+    product is restated with the smaller operand first; a difference always keeps the asked order."""
+    if check_answer_order(answer_order) == "small_first" and op in ("plus", "times") and a > b:
+        a, b = b, a
+    return _arith_answer(a, op, b)
+
+
 def arithmetic_split(a: int, op: str, b: int, phrasing: int, seed: int) -> str:
     """Which split the question (a op b, asked with phrasing number `phrasing`) belongs to."""
     if op in ("plus", "times") and a != b:
@@ -127,10 +147,12 @@ def _follow_up_step(rng: random.Random, result: int) -> tuple[str, int] | None:
     return None if OPERATIONS[op](result, c) >= 1000 else (op, c)
 
 
-def sample_dialogue(rng: random.Random, seed: int) -> tuple[list[Exchange], str]:
+def sample_dialogue(rng: random.Random, seed: int, answer_order: str = "asked") -> tuple[list[Exchange], str]:
     """One dialogue of 1-3 exchanges and its split ("train" or "heldout").
 
-    A dialogue is held out when any of its exchanges is a held-out combination.
+    A dialogue is held out when any of its exchanges is a held-out combination. `answer_order`
+    words the first answer of an arithmetic dialogue (`question_answer`); follow-ups always say the
+    running result first ("and plus two?" -> "twelve plus two is fourteen.").
     """
     splits: list[str] = []
     exchanges: list[Exchange] = []
@@ -138,7 +160,7 @@ def sample_dialogue(rng: random.Random, seed: int) -> tuple[list[Exchange], str]
     if kind == "arithmetic":
         a, op, b = _arithmetic(rng)
         p = rng.randrange(len(ARITHMETIC_PHRASINGS))
-        answer, result = _arith_answer(a, op, b)
+        answer, result = question_answer(a, op, b, answer_order)
         user = ARITHMETIC_PHRASINGS[p].format(a=number_words(a), op=op, b=number_words(b))
         exchanges.append(Exchange(user, answer, "arithmetic", answer=number_words(result)))
         splits.append(arithmetic_split(a, op, b, p, seed))
@@ -220,7 +242,8 @@ def repeat_drills(count: int, seed: int) -> Iterator[tuple[str, list[Exchange]]]
         yield f"drill-{seed}-{index:06d}", [Exchange(user, f"{phrase}.", "repeat", answer=phrase)]
 
 
-def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6) -> Iterator[tuple[str, list[Exchange]]]:
+def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6,
+                     answer_order: str = "asked") -> Iterator[tuple[str, list[Exchange]]]:
     """`count` text-only training dialogues that chain follow-ups: an arithmetic question, then 2 to
     `max_follow_ups` follow-ups, each applied to the last result ("and minus seven?").
 
@@ -232,7 +255,9 @@ def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6) -> Iterator
     product (the source of the three-digit results), with the operands drawn like the
     generator's. Nothing of the held-out split occurs: every exchange is asked with a phrasing
     training uses for it, and a held-out order of a pair is never asked. Deterministic for
-    `seed`; ids are "fdrill-{seed}-NNNNNN"."""
+    `seed`; ids are "fdrill-{seed}-NNNNNN". `answer_order` words the first answer as in
+    `sample_dialogue`."""
+    check_answer_order(answer_order)
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     if max_follow_ups < 2:
@@ -245,7 +270,7 @@ def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6) -> Iterator
             if phrasings:
                 break
         p = rng.choice(phrasings)
-        answer, result = _arith_answer(a, op, b)
+        answer, result = question_answer(a, op, b, answer_order)
         user = ARITHMETIC_PHRASINGS[p].format(a=number_words(a), op=op, b=number_words(b))
         exchanges = [Exchange(user, answer, "arithmetic", answer=number_words(result))]
         for _ in range(rng.randint(2, max_follow_ups)):
@@ -262,14 +287,17 @@ def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6) -> Iterator
         yield f"fdrill-{seed}-{index:06d}", exchanges
 
 
-def generate_dialogues(count: int, split: str, seed: int) -> Iterator[tuple[str, list[Exchange]]]:
+def generate_dialogues(count: int, split: str, seed: int,
+                       answer_order: str = "asked") -> Iterator[tuple[str, list[Exchange]]]:
     """`count` dialogues of `split` ("train" or "heldout"), deterministic for `seed`.
 
     Yields (dialogue_id, exchanges). Training dialogues may repeat a question (with other
-    voices at render time); held-out ones are distinct questions.
+    voices at render time); held-out ones are distinct questions. `answer_order` (`ANSWER_ORDERS`)
+    words the answers and nothing else: the same seed draws the same questions either way.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    check_answer_order(answer_order)
     rng = random.Random(f"dialogues:{seed}:{split}")
     seen_heldout: set[tuple[str, ...]] = set()
     produced = attempts = 0
@@ -277,7 +305,7 @@ def generate_dialogues(count: int, split: str, seed: int) -> Iterator[tuple[str,
         attempts += 1
         if attempts > 200 * count + 10_000:
             raise RuntimeError(f"could not find {count} distinct {split} dialogues; ask for fewer")
-        exchanges, which = sample_dialogue(rng, seed)
+        exchanges, which = sample_dialogue(rng, seed, answer_order)
         if which != split:
             continue
         if split == "heldout":

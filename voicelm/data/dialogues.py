@@ -35,7 +35,8 @@ from pathlib import Path
 
 from voicelm.core.checkpoint import atomic_write_file
 from voicelm.core.manifest import read_manifest
-from voicelm.data.dialogue_text import follow_up_drills as follow_up_drills_of, generate_dialogues, repeat_drills
+from voicelm.data.dialogue_text import (ANSWER_ORDERS, check_answer_order, follow_up_drills as follow_up_drills_of,
+                                        generate_dialogues, repeat_drills)
 from voicelm.data.synth import PIPER_VOICE, SynthError, SynthItem, Voice, sample_voice, synthesize_manifest
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ def _exchange_turns(ex, user_audio: str | None = None, assistant_audio: str | No
     return [user, assistant]
 
 
-def plan_corpus(train: int, heldout: int, seed: int) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
-    """Dialogue rows (without audio durations) and the user / assistant utterances to render."""
+def plan_corpus(train: int, heldout: int, seed: int,
+                answer_order: str = "asked") -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
+    """Dialogue rows (without audio durations) and the user / assistant utterances to render.
+    `answer_order`: how answers restate sums and products (`dialogue_text.ANSWER_ORDERS`)."""
     voice_rng = random.Random(f"voices:{seed}")
     dialogues, user_items, assistant_items = [], [], []
     for split, count in (("train", train), ("heldout", heldout)):
-        for dialogue_id, exchanges in generate_dialogues(count, split, seed):
+        for dialogue_id, exchanges in generate_dialogues(count, split, seed, answer_order):
             # One speaker per dialogue, as in a real conversation.
             engine = "piper" if voice_rng.random() < PIPER_USER_SHARE else "espeak"
             user_voice = sample_voice(voice_rng, engine)
@@ -113,8 +116,8 @@ def _plan_training_dialogue(dialogue_id: str, exchanges, voice_rng: random.Rando
 VOICED_SCAN_FACTOR = 1000  # min_answer_words: give up after this many generated dialogues per one asked for
 
 
-def plan_voiced(count: int, skip: int, seed: int,
-                min_answer_words: int = 0) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
+def plan_voiced(count: int, skip: int, seed: int, min_answer_words: int = 0,
+                answer_order: str = "asked") -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
     """`count` more training dialogues, the generator's dialogues after the spoken corpus's first `skip`
     (so none repeats a spoken-corpus dialogue and held-out combinations never occur), with new user
     voices drawn as in `plan_corpus`, and each distinct assistant answer (text + style) rendered once.
@@ -127,7 +130,7 @@ def plan_voiced(count: int, skip: int, seed: int,
     voice_rng = random.Random(f"voiced-voices:{seed}")
     dialogues, user_items, assistant_items, answers = [], [], [], set()
     scan_limit = skip + VOICED_SCAN_FACTOR * count
-    for index, (dialogue_id, exchanges) in enumerate(generate_dialogues(scan_limit, "train", seed)):
+    for index, (dialogue_id, exchanges) in enumerate(generate_dialogues(scan_limit, "train", seed, answer_order)):
         if len(dialogues) == count:
             break
         if index < skip:
@@ -154,17 +157,24 @@ def plan_drills(count: int, seed: int) -> tuple[list[dict], list[SynthItem], lis
     return dialogues, user_items, assistant_items
 
 
+def _answer_order(answer_order: str) -> str:
+    try:
+        return check_answer_order(answer_order)
+    except ValueError as exc:
+        raise SynthError(str(exc)) from None
+
+
 def build_corpus(out_dir: str | Path, *, train: int, heldout: int, seed: int = 0, jobs: int = 1,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, answer_order: str = "asked") -> Path:
     """Render the corpus into `out_dir`; returns the path of dialogues.jsonl (written last)."""
     if train < 0 or heldout < 0 or train + heldout == 0:
         raise SynthError(f"ask for at least one dialogue (train={train}, heldout={heldout})")
-    return _render_corpus(Path(out_dir), *plan_corpus(train, heldout, seed), seed=seed, jobs=jobs,
-                          progress=progress)
+    plan = plan_corpus(train, heldout, seed, _answer_order(answer_order))
+    return _render_corpus(Path(out_dir), *plan, seed=seed, jobs=jobs, progress=progress)
 
 
 def build_voiced_corpus(out_dir: str | Path, *, count: int, skip: int, seed: int = 0, jobs: int = 1,
-                        min_answer_words: int = 0, progress: bool = False) -> Path:
+                        min_answer_words: int = 0, progress: bool = False, answer_order: str = "asked") -> Path:
     """Render `plan_voiced(count, skip, seed, min_answer_words)` into `out_dir` (the spoken corpus's
     layout: dialogues.jsonl, user.jsonl, assistant.jsonl, wavs/); returns the path of dialogues.jsonl
     (written last).
@@ -174,8 +184,8 @@ def build_voiced_corpus(out_dir: str | Path, *, count: int, skip: int, seed: int
     and each distinct answer once (piper)."""
     if count < 1 or skip < 0:
         raise SynthError(f"ask for at least one voiced dialogue after skip >= 0 (count={count}, skip={skip})")
-    return _render_corpus(Path(out_dir), *plan_voiced(count, skip, seed, min_answer_words), seed=seed, jobs=jobs,
-                          progress=progress)
+    plan = plan_voiced(count, skip, seed, min_answer_words, _answer_order(answer_order))
+    return _render_corpus(Path(out_dir), *plan, seed=seed, jobs=jobs, progress=progress)
 
 
 def build_drill_corpus(out_dir: str | Path, *, count: int, seed: int = 0, jobs: int = 1,
@@ -222,17 +232,21 @@ def _render_corpus(out_dir: Path, dialogues: list[dict], user_items: list[SynthI
     return atomic_write_file(out_dir / DIALOGUES_NAME, lambda tmp: Path(tmp).write_text(lines))
 
 
-def write_text_dialogues(path: str | Path, count: int, seed: int = 0, follow_up_drills: int = 0) -> Path:
+def write_text_dialogues(path: str | Path, count: int, seed: int = 0, follow_up_drills: int = 0,
+                         answer_order: str = "asked") -> Path:
     """`count` training-split dialogues as text only (the dialogue-manifest format, no audio or
     tokens), drawn from the same generator as the spoken corpus: the first ones are the spoken
     corpus's own dialogues, the rest more of the same distribution. Then `follow_up_drills` chains
-    of follow-ups (`dialogue_text.follow_up_drills`). Written atomically."""
+    of follow-ups (`dialogue_text.follow_up_drills`). `answer_order` as in `plan_corpus`. Written
+    atomically."""
+    _answer_order(answer_order)
     if count < 1:
         raise SynthError(f"ask for at least one text dialogue (text={count})")
     if follow_up_drills < 0:
         raise SynthError(f"follow_up_drills must be >= 0, got {follow_up_drills}")
     rows = []
-    dialogues = itertools.chain(generate_dialogues(count, "train", seed), follow_up_drills_of(follow_up_drills, seed))
+    dialogues = itertools.chain(generate_dialogues(count, "train", seed, answer_order),
+                                follow_up_drills_of(follow_up_drills, seed, answer_order=answer_order))
     for dialogue_id, exchanges in dialogues:
         turns = [turn for ex in exchanges for turn in _exchange_turns(ex)]
         rows.append({"id": f"text-{dialogue_id}", "split": "train", "turns": turns})
@@ -250,6 +264,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"also write {TEXT_DIALOGUES_NAME}: N text-only training dialogues (no audio)")
     parser.add_argument("--follow-up-drills", type=int, default=0, metavar="N",
                         help=f"with --text: N more text dialogues in {TEXT_DIALOGUES_NAME} that chain 2-6 follow-ups")
+    parser.add_argument("--answer-order", choices=ANSWER_ORDERS, default="asked",
+                        help="how answers restate a sum or product: as asked, or with the smaller operand first "
+                             "(\"thirteen times eight?\" -> \"eight times thirteen is ...\")")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -260,10 +277,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         path = build_corpus(args.out, train=args.train, heldout=args.heldout, seed=args.seed, jobs=args.jobs,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), answer_order=args.answer_order)
         if args.text:
             text_path = write_text_dialogues(Path(args.out) / TEXT_DIALOGUES_NAME, args.text, args.seed,
-                                             follow_up_drills=args.follow_up_drills)
+                                             follow_up_drills=args.follow_up_drills, answer_order=args.answer_order)
             print(f"wrote {text_path}: {args.text + args.follow_up_drills} text-only dialogues")
     except (SynthError, ValueError) as exc:
         print(f"voicelm data dialogues: {exc}", file=sys.stderr)
