@@ -18,7 +18,9 @@ three-digit results often enough to answer them.
 `answer_order="small_first"` restates a question's sum or product with the smaller operand first
 ("thirteen times eight?" -> "eight times thirteen is one hundred four."): a small LM learns the
 product table per operand order and misses held-out orders whose twin it knows; restated, the
-held-out order needs only a sort (which it does learn) and a fact it was trained on.
+held-out order needs a sort of the operands and a fact it was trained on. A 700-step fine-tune
+of the asked-order demo LM did not learn the sort (docs/recipe.md, session 31); untested from
+scratch.
 Everything is a pure function of the seed (the answer order changes answers, never which
 dialogues are drawn).
 """
