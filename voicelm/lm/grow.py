@@ -95,5 +95,5 @@ def main(args: argparse.Namespace) -> int:
           f"parameters, the function unchanged) into {out} ({args.dtype})")
     inserted = [i for i, source in enumerate(new_layer_sources(lm.config.num_layers, args.layers)) if source is None]
     print(f"inserted layers {inserted}: to train them faster than the rest, fine-tune with "
-          f"solver.init_from={out} solver.lr_scale_layers=[{','.join(map(str, inserted))}] solver.layers_lr_scale=10")
+          f"solver.init_from={out} solver.lr_scale_layers=[{','.join(map(str, inserted))}] solver.layers_lr_scale=20")
     return 0
