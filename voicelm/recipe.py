@@ -7,8 +7,9 @@ Stages, in order (each reads what the earlier ones wrote under `out_dir`):
     tokenize   tokens for both manifests and every dialogue turn           -> tokens/*.jsonl
     voiced     `voiced.dialogues` more training dialogues for the LM, rendered (new user voices, each
                distinct answer once) and tokenized                         -> data/voiced/, tokens/voiced/,
-               and `voiced.repeat_drills` repeat-after-me drills of random word pairs -> data/drills/,
-               tokens/drills/; tokens/lm_dialogues.jsonl (spoken corpus + both; skipped when both are 0)
+               `voiced.repeat_drills` repeat-after-me drills of random word pairs -> data/drills/,
+               tokens/drills/, and `voiced.number_drills` of random numbers -> data/number_drills/,
+               tokens/number_drills/; tokens/lm_dialogues.jsonl (spoken corpus + all; skipped when all are 0)
     decoder    solver=decoder (flow) on the assistant voice                -> runs/decoder/export
                (with `voiced.decoder: true`, on the voiced stage's answers too: tokens/decoder_answers.jsonl)
     vocoder    solver=vocoder (HiFT) on the assistant voice                -> runs/vocoder/export
@@ -60,6 +61,8 @@ RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
 OPEN_MAPPINGS = ("pipeline.decoder_inference", "take")  # overrides may add keys to these (checked in _validate)
 LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when the voiced stage adds any
+DRILL_CORPORA = {"drills": "repeat_drills", "number_drills": "number_drills"}  # data/NAME <- voiced.KEY drills
+DRILL_KINDS_OF = {"drills": "words", "number_drills": "numbers"}  # their `plan_drills` kind
 TAKE_PARTS = {"tokenizer": "tokenizer", "decoder": "decoder", "vocoder": "decoder", "vocoder_ft": "decoder",
               "lm": "voicelm"}  # `take.STAGE`: the pipeline part directory that stage takes its weights from
 
@@ -127,7 +130,7 @@ def _validate(cfg: dict, path: Path) -> None:
     if not isinstance(voiced, dict) or not isinstance(voiced.get("dialogues", 0), int) or voiced.get("dialogues", 0) < 0:
         problems.append(f"voiced.dialogues must be an integer >= 0 (got {voiced!r})")
     else:
-        for key in ("min_answer_words", "repeat_drills"):
+        for key in ("min_answer_words", "repeat_drills", "number_drills"):
             if not isinstance(voiced.get(key, 0), int) or voiced.get(key, 0) < 0:
                 problems.append(f"voiced.{key} must be an integer >= 0 (got {voiced.get(key)!r})")
         if not isinstance(voiced.get("decoder", False), bool):
@@ -512,14 +515,19 @@ class Recipe:
     def _voiced_count(self) -> int:
         return int((self.cfg.get("voiced") or {}).get("dialogues") or 0)
 
+    def _drill_counts(self) -> dict[str, int]:
+        """Drill corpora of the voiced stage: directory name under data/ and tokens/ -> how many drills."""
+        voiced = self.cfg.get("voiced") or {}
+        return {name: int(voiced.get(key) or 0) for name, key in DRILL_CORPORA.items()}
+
     def _drill_count(self) -> int:
-        return int((self.cfg.get("voiced") or {}).get("repeat_drills") or 0)
+        return sum(self._drill_counts().values())
 
     def stage_voiced(self) -> list[Path]:
         count, drills = self._voiced_count(), self._drill_count()
         if count <= 0 and drills <= 0:
-            log.info("stage voiced: voiced.dialogues and voiced.repeat_drills are 0; the LM trains on the "
-                     "spoken corpus alone")
+            log.info("stage voiced: voiced.dialogues, voiced.repeat_drills and voiced.number_drills are 0; the LM "
+                     "trains on the spoken corpus alone")
             return []
         self.require("tokenize")
         check_data_tools()
@@ -536,9 +544,11 @@ class Recipe:
                                 jobs=jobs, min_answer_words=int(voiced.get("min_answer_words", 0)),
                                 progress=progress, answer_order=self._answer_order())
             corpora.append("voiced")
-        if drills > 0:
-            build_drill_corpus(self.data_dir / "drills", count=drills, seed=seed, jobs=jobs, progress=progress)
-            corpora.append("drills")
+        for name, drill_count in self._drill_counts().items():
+            if drill_count > 0:
+                build_drill_corpus(self.data_dir / name, count=drill_count, seed=seed, jobs=jobs, progress=progress,
+                                   kind=DRILL_KINDS_OF[name])
+                corpora.append(name)
         # One LM manifest: the spoken corpus (its held-out split validates the LM) + the voiced dialogues
         # and drills, their audio paths made relative to tokens/.
         outputs = []
@@ -574,7 +584,7 @@ class Recipe:
         self.require("voiced")
         lines = [line + "\n" for line in (self.tokens_dir / "assistant.jsonl").read_text().splitlines()]
         added = 0
-        for name in ("voiced", "drills"):
+        for name in ("voiced", *DRILL_CORPORA):
             answers = self.tokens_dir / name / "assistant.jsonl"
             if not answers.is_file():  # that corpus is off (count 0)
                 continue

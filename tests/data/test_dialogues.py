@@ -6,7 +6,8 @@ import pytest
 
 from voicelm.core.manifest import read_manifest
 from voicelm.data.dialogue_text import (ADJECTIVES, DRILL_WORDS, OPERATIONS, follow_up_drills, generate_dialogues,
-                                        heldout_repeat_pairs, number_words, repeat_drills)
+                                        heldout_number_pairs, heldout_repeat_pairs, number_drills, number_words,
+                                        repeat_drills)
 from voicelm.data.dialogues import (build_corpus, build_drill_corpus, build_voiced_corpus, plan_corpus, plan_drills,
                                     plan_voiced, write_text_dialogues)
 from voicelm.data.synth import SynthError
@@ -219,6 +220,34 @@ def test_repeat_drills_pair_any_words_but_never_a_heldout_pair():
         list(repeat_drills(-1, seed=0))
 
 
+def test_number_drills_repeat_random_numbers_but_never_a_heldout_questions_pair():
+    drills = list(number_drills(3000, seed=0))
+    assert drills == list(number_drills(3000, seed=0)) and drills != list(number_drills(3000, seed=1))
+    words = {number_words(n): n for n in range(21)}
+    # every held-out arithmetic question and count names an ordered pair of heldout_number_pairs
+    excluded = heldout_number_pairs(0)
+    held = [e for _, ex in generate_dialogues(300, "heldout", seed=0) for e in ex
+            if e.split == "heldout" and e.task in ("arithmetic", "count")]
+    assert held
+    for e in held:
+        named = [words[w] for w in e.user.rstrip("?.").replace(",", "").split() if w in words]
+        assert tuple(named[:2]) in excluded, e
+    neighbours = set()
+    for dialogue_id, exchanges in drills:
+        (ex,) = exchanges
+        assert dialogue_id.startswith("ndrill-0-") and ex.task == "repeat" and ex.split == "train"
+        numbers = [words[w] for w in ex.answer.split(", ")]
+        assert 2 <= len(numbers) <= 3 and ex.assistant == ex.answer + "." and ex.user.endswith(ex.answer + ".")
+        assert not any(w in ex.user for w in OPERATIONS) and "count" not in ex.user
+        for pair in zip(numbers, numbers[1:]):
+            assert pair[0] != pair[1] and pair not in excluded, ex
+            neighbours.add(pair)
+    # numbers in nearly every allowed order, not the questions' few
+    assert len(neighbours) > 0.9 * (21 * 20 - len(excluded - {(n, n) for n in range(21)}))
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        list(number_drills(-1, seed=0))
+
+
 def test_follow_up_drills_chain_right_answers_on_the_last_result_and_hold_no_heldout_exchange(tmp_path):
     drills = list(follow_up_drills(2000, seed=0))
     assert drills == list(follow_up_drills(2000, seed=0)) and drills != list(follow_up_drills(2000, seed=1))
@@ -260,6 +289,11 @@ def test_drill_corpus_plans_training_dialogues_and_renders(tmp_path):
     assert len(rows) == 2 and all((tmp_path / "drills" / t["audio"]).exists() for r in rows for t in r["turns"])
     with pytest.raises(SynthError, match="at least one repeat drill"):
         build_drill_corpus(tmp_path / "none", count=0)
+    numbers, _, _ = plan_drills(50, seed=0, kind="numbers")
+    assert [d["id"] for d in numbers] == [i for i, _ in number_drills(50, seed=0)]
+    assert {d["speaker"] for d in numbers} != {d["speaker"] for d in dialogues}  # voices drawn apart
+    with pytest.raises(SynthError, match="drill kind must be one of words, numbers, got 'letters'"):
+        plan_drills(5, seed=0, kind="letters")
 
 
 def test_follow_up_drills_without_text_dialogues_is_refused_before_rendering(tmp_path, capsys):

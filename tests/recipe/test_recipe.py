@@ -59,13 +59,14 @@ def test_every_stage_done_with_wall_times(smoke):
     rows = [json.loads(line) for line in (out / "tokens" / "dialogues.jsonl").read_text().splitlines()]
     assert rows and all(isinstance(t["tokens"], list) and t["tokens"] for r in rows for t in r["turns"])
     assert all((out / "tokens" / t["audio"]).exists() for r in rows for t in r["turns"])
-    # The LM trains on the spoken corpus plus the voiced stage's dialogues and repeat drills, every turn
-    # tokenized.
+    # The LM trains on the spoken corpus plus the voiced stage's dialogues, repeat drills and number
+    # drills, every turn tokenized.
     lm_rows = [json.loads(line) for line in (out / "tokens" / "lm_dialogues.jsonl").read_text().splitlines()]
-    assert lm_rows[:len(rows)] == rows and len(lm_rows) == len(rows) + 3 + 2
-    assert all(r["id"].startswith("voiced-") and r["split"] == "train" for r in lm_rows[len(rows):-2])
-    assert all(r["id"].startswith("drill-") and r["split"] == "train" for r in lm_rows[-2:])
-    assert all(r["turns"][0]["text"].endswith(r["turns"][1]["text"]) for r in lm_rows[-2:])  # "...: the W1 W2."
+    assert lm_rows[:len(rows)] == rows and len(lm_rows) == len(rows) + 3 + 2 + 2
+    assert all(r["id"].startswith("voiced-") and r["split"] == "train" for r in lm_rows[len(rows):-4])
+    assert all(r["id"].startswith("drill-") and r["split"] == "train" for r in lm_rows[-4:-2])
+    assert all(r["id"].startswith("ndrill-") and r["split"] == "train" for r in lm_rows[-2:])
+    assert all(r["turns"][0]["text"].endswith(r["turns"][1]["text"]) for r in lm_rows[-4:])  # "...: the W1 W2."
     assert all(t["tokens"] and (out / "tokens" / t["audio"]).exists() for r in lm_rows for t in r["turns"])
     assert "lm_dialogues.jsonl" in (out / "runs" / "lm" / "config.yaml").read_text()
     # Its text task reads the text dialogues, then the chains of follow-ups.
@@ -75,7 +76,7 @@ def test_every_stage_done_with_wall_times(smoke):
     # The flow trained on the spoken corpus's assistant turns plus the voiced stage's answers (voiced.decoder).
     assistant = (out / "tokens" / "assistant.jsonl").read_text().splitlines()
     answers = [json.loads(line) for line in (out / "tokens" / "decoder_answers.jsonl").read_text().splitlines()]
-    voiced = [json.loads(line) for name in ("voiced", "drills")
+    voiced = [json.loads(line) for name in ("voiced", "drills", "number_drills")
               for line in (out / "tokens" / name / "assistant.jsonl").read_text().splitlines()]
     assert answers[:len(assistant)] == [json.loads(line) for line in assistant]
     assert len(voiced) >= 2 and len(answers) == len(assistant) + len(voiced)
@@ -232,6 +233,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         load_recipe_config("smoke", ["voiced.min_answer_words=-2"])
     with pytest.raises(RecipeError, match=r"voiced.repeat_drills must be an integer >= 0 \(got 'many'\)"):
         load_recipe_config("smoke", ["voiced.repeat_drills=many"])
+    with pytest.raises(RecipeError, match=r"voiced.number_drills must be an integer >= 0 \(got -1\)"):
+        load_recipe_config("smoke", ["voiced.number_drills=-1"])
     with pytest.raises(RecipeError, match=r"voiced.decoder must be true or false \(got 'yes please'\)"):
         load_recipe_config("smoke", ["voiced.decoder='yes please'"])
     with pytest.raises(RecipeError, match=r"data.answer_order must be one of \['asked', 'small_first'\] \(got 'sorted'\)"):

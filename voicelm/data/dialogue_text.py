@@ -13,6 +13,8 @@ training data makes learnable:
 - repeat-after-me phrases made of trained words in pairs that training never uses.
 `repeat_drills` adds training-only repeat-after-me exchanges of random word pairs, so that a
 model learns to repeat what it hears rather than the adjective-noun pairs it has heard before;
+`number_drills` does the same for numbers (two or three of 0-20 in any order), so that it hears the
+numbers of a question rather than the questions it was trained with;
 `follow_up_drills` adds text-only chains of follow-ups, so that it sees the rare facts on
 three-digit results often enough to answer them.
 `answer_order="small_first"` restates a question's sum or product with the smaller operand first
@@ -242,6 +244,45 @@ def repeat_drills(count: int, seed: int) -> Iterator[tuple[str, list[Exchange]]]
         phrase = f"the {first} {second}"
         user = rng.choice(REPEAT_PHRASINGS).format(p=phrase)
         yield f"drill-{seed}-{index:06d}", [Exchange(user, f"{phrase}.", "repeat", answer=phrase)]
+
+
+def heldout_number_pairs(seed: int) -> set[tuple[int, int]]:
+    """Ordered operand pairs (a, b) that some held-out question asks in that order: "a op b" for any
+    operation and phrasing, or "count from a to b" in some phrasing (`arithmetic_split`, the count task)."""
+    pairs = set()
+    for a in range(MAX_OPERAND + 1):
+        for b in range(MAX_OPERAND + 1):
+            asked = any(arithmetic_split(a, op, b, p, seed) == "heldout"
+                        for op in OPERATIONS for p in range(len(ARITHMETIC_PHRASINGS)))
+            counted = any(_phrasing_split("count", f"{a}:{b}", p, len(COUNT_PHRASINGS), seed) == "heldout"
+                          for p in range(len(COUNT_PHRASINGS)))
+            if asked or counted:
+                pairs.add((a, b))
+    return pairs
+
+
+def number_drills(count: int, seed: int) -> Iterator[tuple[str, list[Exchange]]]:
+    """`count` one-exchange training dialogues that ask to repeat two or three numbers of 0-20 drawn at
+    random ("repeat after me: twelve, three." -> "twelve, three.", said like a count).
+
+    An LM that learnt to hear numbers only inside the domain's questions leans on which questions it
+    was trained with: it hears the held-out "how much is twelve plus three?" as "twenty plus three"
+    and "thirteen plus ten" as "ten plus ten" (`docs/recipe.md`, session 32). Numbers in any order
+    and any neighbour leave only listening. No two neighbouring numbers form an ordered pair some
+    held-out question asks (`heldout_number_pairs`), and no drill names an operation or a count: the
+    held-out split stays unseen. Deterministic for `seed`; ids are "ndrill-{seed}-NNNNNN"."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    excluded = heldout_number_pairs(seed)
+    rng = random.Random(f"number-drills:{seed}")
+    for index in range(count):
+        numbers = [rng.randint(0, MAX_OPERAND)]
+        for _ in range(rng.choice([1, 2])):
+            options = [n for n in range(MAX_OPERAND + 1) if n != numbers[-1] and (numbers[-1], n) not in excluded]
+            numbers.append(rng.choice(options))
+        phrase = ", ".join(number_words(n) for n in numbers)
+        user = rng.choice(REPEAT_PHRASINGS).format(p=phrase)
+        yield f"ndrill-{seed}-{index:06d}", [Exchange(user, f"{phrase}.", "repeat", answer=phrase)]
 
 
 def follow_up_drills(count: int, seed: int, max_follow_ups: int = 6,

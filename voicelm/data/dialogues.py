@@ -36,7 +36,7 @@ from pathlib import Path
 from voicelm.core.checkpoint import atomic_write_file
 from voicelm.core.manifest import read_manifest
 from voicelm.data.dialogue_text import (ANSWER_ORDERS, check_answer_order, follow_up_drills as follow_up_drills_of,
-                                        generate_dialogues, repeat_drills)
+                                        generate_dialogues, number_drills, repeat_drills)
 from voicelm.data.synth import PIPER_VOICE, SynthError, SynthItem, Voice, sample_voice, synthesize_manifest
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,19 @@ def plan_voiced(count: int, skip: int, seed: int, min_answer_words: int = 0,
     return dialogues, user_items, assistant_items
 
 
-def plan_drills(count: int, seed: int) -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
-    """`count` repeat-after-me drills (`dialogue_text.repeat_drills`: random word pairs, never both words
-    of a held-out pair) as training dialogues, with user voices drawn as in `plan_corpus`."""
-    voice_rng = random.Random(f"drill-voices:{seed}")
+DRILL_KINDS = {"words": repeat_drills, "numbers": number_drills}  # what a drill corpus repeats
+
+
+def plan_drills(count: int, seed: int, kind: str = "words") -> tuple[list[dict], list[SynthItem], list[SynthItem]]:
+    """`count` repeat-after-me drills as training dialogues, with user voices drawn as in `plan_corpus`:
+    `kind="words"`: `dialogue_text.repeat_drills` (random word pairs, never both words of a held-out
+    pair); `"numbers"`: `dialogue_text.number_drills` (two or three numbers 0-20, never a held-out
+    ordered pair side by side)."""
+    if kind not in DRILL_KINDS:
+        raise SynthError(f"drill kind must be one of {', '.join(DRILL_KINDS)}, got {kind!r}")
+    voice_rng = random.Random(f"drill-voices:{seed}" if kind == "words" else f"{kind}-drill-voices:{seed}")
     dialogues, user_items, assistant_items, answers = [], [], [], set()
-    for dialogue_id, exchanges in repeat_drills(count, seed):
+    for dialogue_id, exchanges in DRILL_KINDS[kind](count, seed):
         dialogues.append(_plan_training_dialogue(dialogue_id, exchanges, voice_rng, user_items, assistant_items,
                                                  answers))
     return dialogues, user_items, assistant_items
@@ -189,12 +196,12 @@ def build_voiced_corpus(out_dir: str | Path, *, count: int, skip: int, seed: int
 
 
 def build_drill_corpus(out_dir: str | Path, *, count: int, seed: int = 0, jobs: int = 1,
-                       progress: bool = False) -> Path:
-    """Render `plan_drills(count, seed)` into `out_dir` (the spoken corpus's layout); returns the path
-    of dialogues.jsonl (written last). The recipe's `voiced` stage adds these to the LM's dialogues."""
+                       progress: bool = False, kind: str = "words") -> Path:
+    """Render `plan_drills(count, seed, kind)` into `out_dir` (the spoken corpus's layout); returns the
+    path of dialogues.jsonl (written last). The recipe's `voiced` stage adds these to the LM's dialogues."""
     if count < 1:
         raise SynthError(f"ask for at least one repeat drill (count={count})")
-    return _render_corpus(Path(out_dir), *plan_drills(count, seed), seed=seed, jobs=jobs, progress=progress)
+    return _render_corpus(Path(out_dir), *plan_drills(count, seed, kind), seed=seed, jobs=jobs, progress=progress)
 
 
 def _already_rendered(out_dir: Path, dialogues: list[dict]) -> bool:
