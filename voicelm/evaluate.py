@@ -315,6 +315,47 @@ def _round_trip(pipeline, judge, wav) -> tuple[str, int]:
     return _transcribe(judge, decoded, pipeline.sample_rate), int(tokens.numel())
 
 
+LM_HEARING_MAX_TOKENS = 100  # a transcript of one user turn (the demo's longest: ~25 text tokens)
+
+
+def _lm_hears(pipeline, wav, max_new_tokens: int) -> str:
+    """What the pipeline's LM transcribes of one user clip on its own: the recipe's `asr` task
+    (system SYSTEM_ASR, the clip's speech tokens, greedy, text only). Told apart from the answers,
+    it shows whether a wrong answer was misheard or misanswered."""
+    from voicelm.core.audio import SAMPLE_RATE
+    from voicelm.lm.generate import GenerationError, SamplingOptions, VoiceLMGen
+    from voicelm.lm.prompt import SYSTEM_ASR, build_prompt
+
+    tokens = pipeline.tokenizer.encode(wav, SAMPLE_RATE).reshape(-1).tolist()
+    if not tokens:
+        return ""
+    ids = build_prompt(pipeline.vocab, pipeline.lm.text_tokenizer, user_speech=tokens, system=SYSTEM_ASR)
+    try:
+        generation = VoiceLMGen(pipeline.lm, ids, SamplingOptions(temperature=0.0, enforce_interleave=False,
+                                                                  max_new_tokens=max_new_tokens, seed=0))
+    except GenerationError:  # a clip longer than the context: nothing heard
+        return ""
+    generation.run()
+    return generation.text().strip()
+
+
+def _lm_hearing(rows: list[dict]) -> dict[str, Any] | None:
+    """WER and exact transcripts of the LM's own transcription of the user turns (`lm_hearing`)."""
+    heard = [r for r in rows if r.get("lm_transcript") is not None]
+    if not heard:
+        return None
+
+    def part(selected: list[dict]) -> dict[str, Any]:
+        exact = sum(_wer_or_none([r["user_text"]], [r["lm_transcript"]]) == 0.0 for r in selected)
+        return {"exact": exact, "turns": len(selected),
+                "wer": _wer_or_none([r["user_text"] for r in selected], [r["lm_transcript"] for r in selected])}
+
+    held = [r for r in heard if r["heldout"]]
+    return {"all": part(heard), "heldout": part(held),
+            "heldout_by_task": {task: part([r for r in held if r["task"] == task])
+                                for task in sorted({r["task"] for r in held})}}
+
+
 def _accuracy(rows: list[dict]) -> dict[str, Any]:
     def count(selected: list[dict]) -> dict[str, Any]:
         correct = sum(r["correct"] for r in selected)
@@ -403,6 +444,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         },
         "errors": sum(len(r["errors"]) for r in rows),
         "judge_loops": _judge_loops(rows),
+        "lm_hearing": _lm_hearing(rows),
     }
 
 
@@ -468,6 +510,11 @@ def render_markdown(report: dict) -> str:
     if copies and copies["after_right_answer"]:
         lines.append(f"| held-out style turns after a right answer that repeat it | "
                      f"{copies['copies']}/{copies['after_right_answer']} |")
+    hearing = report.get("lm_hearing")
+    if hearing:
+        held = hearing["heldout"]
+        lines.append(f"| the LM's own transcript of the user turns (asr task), exact / WER, held-out | "
+                     f"{held['exact']}/{held['turns']} / {_fmt_pct(held['wer'])} |")
     if report["errors"]:
         lines.append(f"| turns that ended in an error | {report['errors']} |")
     if report.get("judge_loops"):
@@ -504,6 +551,7 @@ def evaluate_pipeline(
     progress: Callable[[str], None] | None = None,
     decoder_noise_seed: int | None = None,
     lm_answers_from: str | os.PathLike | None = None,
+    lm_hearing: bool = False,
 ) -> dict:
     """Score a pipeline (a directory, or an already loaded `Pipeline`) on the dialogues of `split`
     in `dialogues_manifest`; write `report.json` and `report.md` under `out_dir`; return the report.
@@ -519,6 +567,11 @@ def evaluate_pipeline(
     this pipeline's decoder as a session streams them. It scores a decoder (or a decoder noise seed)
     on exactly the speech tokens another run produced, without the LM's share of the time (about a
     third of a turn's compute on the demo); latency and the real-time factor are not measured then.
+
+    `lm_hearing` also has the LM transcribe each user turn on its own (the recipe's `asr` task, greedy;
+    `_lm_hears`): each row's `lm_transcript` and the report's `lm_hearing` (exact transcripts and WER,
+    by task for the held-out turns) tell a misheard question from a misanswered one. It means
+    something only for an LM trained on that task (the recipe's; not official GLM-4-Voice weights).
     """
     from voicelm.core.audio import SAMPLE_RATE, AudioError, load_audio
     from voicelm.pipeline import Pipeline, load_pipeline
@@ -586,6 +639,9 @@ def evaluate_pipeline(
                     "num_speech_tokens": len(turn["speech_codes"]),
                     "speech_codes": turn["speech_codes"],
                     "user_seconds": turn["user_seconds"], "errors": turn["errors"], "round_trip": None,
+                    "lm_transcript": (_lm_hears(pipeline, load_audio(exchange.user_audio, SAMPLE_RATE),
+                                                                min(max_new_tokens, LM_HEARING_MAX_TOKENS))
+                                      if lm_hearing else None),
                 }
                 if round_trip:
                     user_transcript, user_tokens = _round_trip(pipeline, judge_model,
@@ -661,6 +717,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the same dialogues instead of running the LM: scores this pipeline's decoder on "
                              "exactly those speech tokens, about twice as fast; no latency figures")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the tokenizer round trip (faster)")
+    parser.add_argument("--lm-hearing", action="store_true",
+                        help="also have the LM transcribe each user turn on its own (its asr task): misheard or "
+                             "misanswered")
     parser.add_argument("--no-warmup", action="store_true", help="do not run an unscored warm-up turn first")
 
 
@@ -675,7 +734,7 @@ def main(args: argparse.Namespace) -> int:
             args.pipeline, args.manifest, out, split=args.split, limit=args.limit, judge=args.judge,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
             round_trip=not args.no_round_trip, warmup=not args.no_warmup, decoder_noise_seed=args.decoder_noise_seed,
-            lm_answers_from=args.lm_answers_from,
+            lm_answers_from=args.lm_answers_from, lm_hearing=args.lm_hearing,
             progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (EvaluationError, CheckpointError, AudioError, WhisperWeightsError) as exc:
         print(f"voicelm eval: {exc}", file=sys.stderr)

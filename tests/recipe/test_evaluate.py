@@ -154,6 +154,28 @@ def test_summary_counts_style_copies_and_splits_long_answers():
     assert "| held-out style turns after a right answer that repeat it | 1/2 |" in render_markdown(report)
 
 
+def test_summary_tells_misheard_from_misanswered():
+    def row(task, heldout, user_text, heard):
+        return {"heldout": heldout, "task": task, "correct": False, "text": "x", "reference": "x",
+                "spoken_transcript": "x", "user_text": user_text, "timings": {}, "audio_seconds": 1.0, "errors": [],
+                "round_trip": None, "lm_transcript": heard}
+
+    rows = [row("repeat", True, "repeat after me: the soft boat.", "Repeat after me, the soft bird."),  # 1 of 6 wrong
+            row("repeat", True, "please repeat: the red cup.", "please repeat: the red cup."),
+            row("arithmetic", True, "what is 12 plus three?", "what is twelve plus three"),  # normalised alike
+            row("arithmetic", False, "what is one plus one?", "what is one plus two?")]
+    hearing = summarize(rows)["lm_hearing"]
+    assert hearing["all"] == {"exact": 2, "turns": 4, "wer": pytest.approx(2 / 21)}  # 6 + 5 + 5 + 5 words
+    assert hearing["heldout"]["exact"] == 2 and hearing["heldout"]["turns"] == 3
+    assert hearing["heldout_by_task"]["repeat"] == {"exact": 1, "turns": 2, "wer": pytest.approx(1 / 11)}
+    report = {"pipeline": {"name": "x"}, "num_dialogues": 4, "num_exchanges": 4, "split": "heldout",
+              "manifest": "m", "judge": "base", "sampling": {"temperature": 0.0, "seed": 0}, **summarize(rows)}
+    assert "| the LM's own transcript of the user turns (asr task), exact / WER, held-out | 2/3 / " in render_markdown(report)
+    for r in rows:  # not asked for: no figure
+        r["lm_transcript"] = None
+    assert summarize(rows)["lm_hearing"] is None
+
+
 def test_summary_counts_judge_transcripts_that_still_loop():
     loop = "the top of the" + " top of the" * 60
     rows = [{"heldout": True, "task": "repeat", "correct": True, "text": "the tall book.", "reference": "the tall book.",
@@ -214,7 +236,7 @@ def evaluated(tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["eval", str(root / "pipeline"), str(manifest), "--out", str(out), "--judge", "tiny.en",
-                     "--max-new-tokens", "40", "--decoder-noise-seed", "7"])
+                     "--max-new-tokens", "40", "--decoder-noise-seed", "7", "--lm-hearing"])
     assert code == 0
     return json.loads((out / REPORT_JSON).read_text()), stdout.getvalue(), out
 
@@ -235,6 +257,10 @@ def test_report_has_every_field(evaluated):
     assert acc["heldout"]["total"] >= 2  # each held-out dialogue has at least one held-out exchange
     for row in rows:
         assert row["text"] and row["reason"] == "max_tokens" and row["round_trip"]["user_tokens"] > 0
+        assert isinstance(row["lm_transcript"], str)  # --lm-hearing: the LM transcribed every user turn
+    hearing = report["lm_hearing"]
+    assert hearing["all"]["turns"] == len(rows) and hearing["heldout"]["turns"] == acc["heldout"]["total"]
+    assert hearing["heldout"]["exact"] == 0 and hearing["heldout"]["wer"] > 0.5  # random weights hear nothing
     # the table went to stdout and to report.md
     table = (out / REPORT_MD).read_text()
     assert "answer accuracy, held-out exchanges" in table and "first-audio latency" in table
