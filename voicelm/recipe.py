@@ -61,8 +61,8 @@ RECIPE_CONF_DIR = CONF_DIR / "recipe"
 EXPORT_DTYPES = ("float32", "float16")
 OPEN_MAPPINGS = ("pipeline.decoder_inference", "take")  # overrides may add keys to these (checked in _validate)
 LM_DIALOGUES_NAME = "lm_dialogues.jsonl"  # tokens/: what the lm stage trains on when the voiced stage adds any
-DRILL_CORPORA = {"drills": "repeat_drills", "number_drills": "number_drills"}  # data/NAME <- voiced.KEY drills
-DRILL_KINDS_OF = {"drills": "words", "number_drills": "numbers"}  # their `plan_drills` kind
+# the voiced stage's drill corpora: data/NAME and tokens/NAME <- (the voiced.KEY count, their `plan_drills` kind)
+DRILL_CORPORA = {"drills": ("repeat_drills", "words"), "number_drills": ("number_drills", "numbers")}
 TAKE_PARTS = {"tokenizer": "tokenizer", "decoder": "decoder", "vocoder": "decoder", "vocoder_ft": "decoder",
               "lm": "voicelm"}  # `take.STAGE`: the pipeline part directory that stage takes its weights from
 
@@ -518,7 +518,7 @@ class Recipe:
     def _drill_counts(self) -> dict[str, int]:
         """Drill corpora of the voiced stage: directory name under data/ and tokens/ -> how many drills."""
         voiced = self.cfg.get("voiced") or {}
-        return {name: int(voiced.get(key) or 0) for name, key in DRILL_CORPORA.items()}
+        return {name: int(voiced.get(key) or 0) for name, (key, _) in DRILL_CORPORA.items()}
 
     def _drill_count(self) -> int:
         return sum(self._drill_counts().values())
@@ -547,7 +547,7 @@ class Recipe:
         for name, drill_count in self._drill_counts().items():
             if drill_count > 0:
                 build_drill_corpus(self.data_dir / name, count=drill_count, seed=seed, jobs=jobs, progress=progress,
-                                   kind=DRILL_KINDS_OF[name])
+                                   kind=DRILL_CORPORA[name][1])
                 corpora.append(name)
         # One LM manifest: the spoken corpus (its held-out split validates the LM) + the voiced dialogues
         # and drills, their audio paths made relative to tokens/.

@@ -156,6 +156,7 @@ def plan_drills(count: int, seed: int, kind: str = "words") -> tuple[list[dict],
     ordered pair side by side)."""
     if kind not in DRILL_KINDS:
         raise SynthError(f"drill kind must be one of {', '.join(DRILL_KINDS)}, got {kind!r}")
+    # word drills keep the voice stream they were first rendered with (a rendered corpus is matched by plan)
     voice_rng = random.Random(f"drill-voices:{seed}" if kind == "words" else f"{kind}-drill-voices:{seed}")
     dialogues, user_items, assistant_items, answers = [], [], [], set()
     for dialogue_id, exchanges in DRILL_KINDS[kind](count, seed):
