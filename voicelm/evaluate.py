@@ -339,6 +339,37 @@ def _lm_hears(pipeline, wav, max_new_tokens: int) -> str:
     return generation.text().strip()
 
 
+TEXT_ANSWER_MAX_TOKENS = 100  # a text answer of the demo (the longest, a three-digit follow-up: ~30 tokens)
+
+
+def _text_answer(pipeline, history: list, user_text: str, max_new_tokens: int) -> tuple[str, Any]:
+    """The LM's answer to `user_text` given as text, in text only (system SYSTEM_TEXT_ONLY, the
+    recipe's `text` task, greedy), after `history` (earlier text turns and the LM's own text answers).
+    Returns the answer text and the AssistantTurn to append to the history."""
+    from voicelm.lm.generate import GenerationError, SamplingOptions, VoiceLMGen
+    from voicelm.lm.prompt import SYSTEM_TEXT_ONLY, AssistantTurn, build_prompt
+
+    ids = build_prompt(pipeline.vocab, pipeline.lm.text_tokenizer, history, user_text=user_text,
+                       system=SYSTEM_TEXT_ONLY)
+    try:
+        generation = VoiceLMGen(pipeline.lm, ids, SamplingOptions(temperature=0.0, enforce_interleave=False,
+                                                                  max_new_tokens=max_new_tokens, seed=0))
+    except GenerationError:  # a history longer than the context: no answer
+        return "", AssistantTurn([])
+    generation.run()
+    return generation.text().strip(), AssistantTurn(list(generation.text_ids))
+
+
+def _text_mode(rows: list[dict]) -> dict[str, Any] | None:
+    """Answer accuracy with every user turn given as its text (`text_answers`): what the LM knows
+    when hearing is taken out of the question."""
+    answered = [r for r in rows if r.get("text_mode_answer") is not None]
+    if not answered:
+        return None
+    as_rows = [{"task": r["task"], "correct": r["text_mode_correct"]} for r in answered]
+    return {"heldout": _accuracy([a for a, r in zip(as_rows, answered) if r["heldout"]]), "all": _accuracy(as_rows)}
+
+
 def _lm_hearing(rows: list[dict]) -> dict[str, Any] | None:
     """WER and exact transcripts of the LM's own transcription of the user turns (`lm_hearing`)."""
     heard = [r for r in rows if r.get("lm_transcript") is not None]
@@ -445,6 +476,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         "errors": sum(len(r["errors"]) for r in rows),
         "judge_loops": _judge_loops(rows),
         "lm_hearing": _lm_hearing(rows),
+        "text_mode": _text_mode(rows),
     }
 
 
@@ -515,6 +547,10 @@ def render_markdown(report: dict) -> str:
         held = hearing["heldout"]
         lines.append(f"| the LM's own transcript of the user turns (asr task), exact / WER, held-out | "
                      f"{held['exact']}/{held['turns']} / {_fmt_pct(held['wer'])} |")
+    text_mode = report.get("text_mode")
+    if text_mode:
+        lines.append(f"| answer accuracy with the user turns given as text (text task), held-out | "
+                     f"{_fmt_acc(text_mode['heldout'])} |")
     if report["errors"]:
         lines.append(f"| turns that ended in an error | {report['errors']} |")
     if report.get("judge_loops"):
@@ -552,6 +588,7 @@ def evaluate_pipeline(
     decoder_noise_seed: int | None = None,
     lm_answers_from: str | os.PathLike | None = None,
     lm_hearing: bool = False,
+    text_answers: bool = False,
 ) -> dict:
     """Score a pipeline (a directory, or an already loaded `Pipeline`) on the dialogues of `split`
     in `dialogues_manifest`; write `report.json` and `report.md` under `out_dir`; return the report.
@@ -572,8 +609,15 @@ def evaluate_pipeline(
     `_lm_hears`): each row's `lm_transcript` and the report's `lm_hearing` (exact transcripts and WER,
     by task for the held-out turns) tell a misheard question from a misanswered one. It means
     something only for an LM trained on that task (the recipe's; not official GLM-4-Voice weights).
+
+    `text_answers` also has the LM answer every dialogue with its user turns given as their text, in
+    text only (the recipe's `text` task, greedy; its own text answers are the history): each row's
+    `text_mode_answer` and `text_mode_correct`, the report's `text_mode` accuracy. Against the spoken
+    accuracy it shows how much of what the LM knows it loses by listening. Like `lm_hearing`, it
+    needs an LM trained on that task.
     """
     from voicelm.core.audio import SAMPLE_RATE, AudioError, load_audio
+    from voicelm.lm.prompt import UserTurn
     from voicelm.pipeline import Pipeline, load_pipeline
 
     start = time.perf_counter()
@@ -615,6 +659,7 @@ def evaluate_pipeline(
         for number, dialogue in enumerate(dialogues, start=1):
             session = pipeline.session(options=options, seed=seed)
             dialogue_rows = []
+            text_history: list = []
             for exchange in dialogue.exchanges:
                 if recorded is not None:
                     turn = _replay_exchange(pipeline, recorded[(dialogue.id, exchange.index)])
@@ -642,7 +687,15 @@ def evaluate_pipeline(
                     "lm_transcript": (_lm_hears(pipeline, load_audio(exchange.user_audio, SAMPLE_RATE),
                                                                 min(max_new_tokens, LM_HEARING_MAX_TOKENS))
                                       if lm_hearing else None),
+                    "text_mode_answer": None, "text_mode_correct": None,
                 }
+                if text_answers:
+                    answer_text, answered = _text_answer(pipeline, text_history, exchange.user_text,
+                                                         min(max_new_tokens, TEXT_ANSWER_MAX_TOKENS))
+                    text_history += [UserTurn(text=exchange.user_text), answered]
+                    row["text_mode_answer"] = answer_text
+                    row["text_mode_correct"] = answer_correct(exchange.answer, answer_text,
+                                                              reference=exchange.assistant_text)
                 if round_trip:
                     user_transcript, user_tokens = _round_trip(pipeline, judge_model,
                                                                load_audio(exchange.user_audio, SAMPLE_RATE))
@@ -720,6 +773,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-hearing", action="store_true",
                         help="also have the LM transcribe each user turn on its own (its asr task): misheard or "
                              "misanswered")
+    parser.add_argument("--text-answers", action="store_true",
+                        help="also have the LM answer each dialogue with the user turns given as text, in text "
+                             "only (its text task): what it knows without listening")
     parser.add_argument("--no-warmup", action="store_true", help="do not run an unscored warm-up turn first")
 
 
@@ -735,7 +791,7 @@ def main(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
             round_trip=not args.no_round_trip, warmup=not args.no_warmup, decoder_noise_seed=args.decoder_noise_seed,
             lm_answers_from=args.lm_answers_from, lm_hearing=args.lm_hearing,
-            progress=lambda line: print(line, file=sys.stderr, flush=True))
+            text_answers=args.text_answers, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (EvaluationError, CheckpointError, AudioError, WhisperWeightsError) as exc:
         print(f"voicelm eval: {exc}", file=sys.stderr)
         return 1

@@ -176,6 +176,30 @@ def test_summary_tells_misheard_from_misanswered():
     assert summarize(rows)["lm_hearing"] is None
 
 
+def test_summary_scores_the_text_mode_answers_apart():
+    def row(task, heldout, spoken_right, text_right):
+        return {"heldout": heldout, "task": task, "correct": spoken_right, "text": "x", "reference": "x",
+                "spoken_transcript": "x", "user_text": "x", "timings": {}, "audio_seconds": 1.0, "errors": [],
+                "round_trip": None, "text_mode_answer": "x", "text_mode_correct": text_right}
+
+    rows = [row("arithmetic", True, False, True), row("arithmetic", True, True, True),
+            row("repeat", True, False, False), row("style", False, False, True)]
+    summary = summarize(rows)
+    assert summary["accuracy"]["heldout"]["correct"] == 1  # the spoken answers are scored as before
+    text_mode = summary["text_mode"]
+    assert text_mode["heldout"]["correct"] == 2 and text_mode["heldout"]["total"] == 3
+    assert text_mode["heldout"]["by_task"]["arithmetic"]["correct"] == 2
+    assert text_mode["heldout"]["by_task"]["repeat"]["correct"] == 0
+    assert text_mode["all"]["correct"] == 3 and text_mode["all"]["total"] == 4
+    report = {"pipeline": {"name": "x"}, "num_dialogues": 4, "num_exchanges": 4, "split": "heldout",
+              "manifest": "m", "judge": "base", "sampling": {"temperature": 0.0, "seed": 0}, **summary}
+    assert ("| answer accuracy with the user turns given as text (text task), held-out | 66.7% (2/3) |"
+            in render_markdown(report))
+    for r in rows:  # not asked for: no figure, no line
+        r["text_mode_answer"] = r["text_mode_correct"] = None
+    assert summarize(rows)["text_mode"] is None
+
+
 def test_summary_counts_judge_transcripts_that_still_loop():
     loop = "the top of the" + " top of the" * 60
     rows = [{"heldout": True, "task": "repeat", "correct": True, "text": "the tall book.", "reference": "the tall book.",
@@ -236,7 +260,8 @@ def evaluated(tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["eval", str(root / "pipeline"), str(manifest), "--out", str(out), "--judge", "tiny.en",
-                     "--max-new-tokens", "40", "--decoder-noise-seed", "7", "--lm-hearing"])
+                     "--max-new-tokens", "40", "--decoder-noise-seed", "7", "--lm-hearing",
+                     "--text-answers"])
     assert code == 0
     return json.loads((out / REPORT_JSON).read_text()), stdout.getvalue(), out
 
@@ -258,6 +283,11 @@ def test_report_has_every_field(evaluated):
     for row in rows:
         assert row["text"] and row["reason"] == "max_tokens" and row["round_trip"]["user_tokens"] > 0
         assert isinstance(row["lm_transcript"], str)  # --lm-hearing: the LM transcribed every user turn
+        assert isinstance(row["text_mode_answer"], str)  # --text-answers: and answered it given as text
+        assert row["text_mode_correct"] == answer_correct(row["answer"], row["text_mode_answer"],
+                                                          reference=row["reference"])
+    assert report["text_mode"]["all"]["total"] == len(rows)
+    assert report["text_mode"]["heldout"]["total"] == acc["heldout"]["total"]
     hearing = report["lm_hearing"]
     assert hearing["all"]["turns"] == len(rows) and hearing["heldout"]["turns"] == acc["heldout"]["total"]
     assert hearing["heldout"]["exact"] == 0 and hearing["heldout"]["wer"] > 0.5  # random weights hear nothing
