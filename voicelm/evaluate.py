@@ -366,8 +366,10 @@ def _text_mode(rows: list[dict]) -> dict[str, Any] | None:
     answered = [r for r in rows if r.get("text_mode_answer") is not None]
     if not answered:
         return None
-    as_rows = [{"task": r["task"], "correct": r["text_mode_correct"]} for r in answered]
-    return {"heldout": _accuracy([a for a, r in zip(as_rows, answered) if r["heldout"]]), "all": _accuracy(as_rows)}
+    def scored(selected: list[dict]) -> dict[str, Any]:
+        return _accuracy([{"task": r["task"], "correct": r["text_mode_correct"]} for r in selected])
+
+    return {"heldout": scored([r for r in answered if r["heldout"]]), "all": scored(answered)}
 
 
 def _lm_hearing(rows: list[dict]) -> dict[str, Any] | None:
